@@ -102,8 +102,6 @@ def fit_autoencoder(
         running, seen = 0.0, 0
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            if len(idx) < 2 and seen:  # BatchNorm cannot train on a batch of one
-                continue
             x = Xt[idx].to(device)
             loss = _loss(model, x)
             opt.zero_grad(set_to_none=True)
@@ -126,7 +124,9 @@ def fit_autoencoder(
                 "epoch %d/%d loss %.5f val %.5f (%.1fs, eta %.0fs)",
                 epoch, epochs, train_loss, val_loss, elapsed, elapsed / epoch * (epochs - epoch),
             )
-        if epoch - best[1] >= patience:
+        # Early epochs are noisy; stopping is only considered once the cosine schedule has run
+        # a quarter of its course.
+        if epoch - best[1] >= patience and epoch >= epochs // 4:
             stopped_early = True
             break
         if time_budget_s is not None and elapsed > time_budget_s:

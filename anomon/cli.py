@@ -1,0 +1,462 @@
+"""Command line: argument parsing only; every command calls the modules that do the work.
+
+User mistakes (a missing folder, a corrupt image, a tampered model, a bad flag) end in ONE line on
+stderr, `anomon: error: ...`, and exit status 2. A traceback means a bug in anomon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from anomon import __version__
+from anomon.calibrate import CalibrationError, min_images_for
+from anomon.config import ConfigError, TrainConfig
+from anomon.detector import BundleError, Detector, auto_image_size
+from anomon.images import IMAGE_SUFFIXES, ImageError, iter_image_files, load_image
+
+log = logging.getLogger("anomon")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _image_files(folder: Path, what: str) -> list[Path]:
+    if not folder.exists():
+        raise UserError(f"{what} folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"{what} path is not a folder: {folder}")
+    files = list(iter_image_files(folder))
+    if not files:
+        exts = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise UserError(f"no images found under {folder} (looked for {exts})")
+    return files
+
+
+def _load_folder(
+    folder: Path, what: str, *, skip_bad: bool, image_size: int, channels: int
+) -> tuple[Any, list[Path]]:
+    from anomon.images import load_arrays
+
+    X, ok, failed = load_arrays(_image_files(folder, what), image_size=image_size, channels=channels)
+    for path, err in failed:
+        log.warning("skipping %s (%s)", err, err.reason)
+    if failed and not skip_bad:
+        path, err = failed[0]
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise UserError(f"unusable image in {what} data: {err} [{err.reason}]{more}; fix or remove it, or pass --skip-bad")
+    if len(ok) == 0:
+        raise UserError(f"no readable images under {folder}")
+    return X, ok
+
+
+def _inspect(files: list[Path]) -> tuple[list[tuple[int, int]], bool]:
+    """Sizes and whether every image is greyscale, from headers only (cheap)."""
+    from PIL import Image
+
+    sizes: list[tuple[int, int]] = []
+    grey = True
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+                grey = grey and im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+        except Exception:  # decoding errors are reported properly by the full load
+            continue
+    return sizes, grey
+
+
+def _load_detector(path: Path, device: str = "auto") -> Detector:
+    return Detector.load(path, device=device)
+
+
+# ---------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    defaults = TrainConfig()
+    data = Path(args.data_dir)
+    files = _image_files(data, "training")
+    sizes, grey = _inspect(files)
+    image_size = args.image_size or auto_image_size(sizes, defaults.max_auto_size)
+    channels = args.channels or (1 if grey else 3)
+    X, ok = _load_folder(data, "training", skip_bad=args.skip_bad, image_size=image_size, channels=channels)
+    fpr = args.target_fpr if args.target_fpr is not None else defaults.target_fpr
+    holdout = defaults.holdout
+    n_hold = max(1, round(len(ok) * holdout))
+    if len(ok) < 10:
+        raise UserError(f"need at least 10 training images, found {len(ok)} under {data}")
+    log.info(
+        "training on %d images (%d held out to calibrate) at %dx%d, %d channel(s)",
+        len(ok) - n_hold, n_hold, image_size, image_size, channels,
+    )
+    det = Detector(
+        image_size=image_size,
+        channels=channels,
+        latent_dim=args.latent_dim or defaults.latent_dim,
+        epochs=args.epochs or defaults.epochs,
+        batch_size=args.batch_size or defaults.batch_size,
+        learning_rate=defaults.learning_rate,
+        patience=defaults.patience,
+        holdout=holdout,
+        target_fpr=fpr,
+        seed=args.seed if args.seed is not None else defaults.seed,
+        device=args.device,
+        time_budget_s=args.time_budget or defaults.time_budget_s,
+    )
+    det.fit(X)
+    det.metadata["data_dir"] = str(data)
+    det.metadata["n_images"] = len(ok)
+    out = Path(args.output)
+    _check_writable(out)
+    model_id = det.save(out)
+    cal = det.calibration_info_
+    print(
+        f"model {model_id} written to {out}: threshold {det.threshold_:.4f} "
+        f"at target false-alarm rate {fpr:.3g} (expected {cal['expected_fpr']:.3g}, {cal['n']} held-out images); "
+        f"{det.metadata['epochs_run']} epochs in {det.metadata['train_seconds']:.1f}s"
+    )
+    if not cal["guaranteed"]:
+        log.warning(
+            "only %d held-out images: the %.3g false-alarm target needs at least %d; "
+            "recalibrate with `anomon calibrate` on more normal images",
+            cal["n"], fpr, min_images_for(fpr),
+        )
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output folder does not exist: {parent}")
+    if out.is_dir():
+        raise UserError(f"output path is a folder: {out}")
+
+
+# ---------------------------------------------------------------------------------------- calibrate
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    det = _load_detector(Path(args.model))
+    X, _ = _load_folder(
+        Path(args.normal_dir), "normal", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels
+    )
+    fpr = args.target_fpr if args.target_fpr is not None else det.target_fpr
+    old_id = det.model_id
+    cal = det.calibrate(det.score_samples(X), target_fpr=fpr)
+    det.metadata["calibrated_on"] = str(args.normal_dir)
+    out = Path(args.output or args.model)
+    _check_writable(out)
+    new_id = det.save(out)
+    print(
+        f"threshold {det.threshold_:.4f} from {cal.n_calibration_} normal images at target false-alarm rate "
+        f"{fpr:.3g}; expected false-alarm rate {cal.expected_fpr_:.3g}"
+    )
+    print(f"model {old_id} -> {new_id} written to {out}")
+    if not cal.guaranteed_:
+        log.warning(
+            "%d images are too few for a %.3g false-alarm target (need at least %d): "
+            "the threshold is the largest normal score",
+            cal.n_calibration_, fpr, min_images_for(fpr),
+        )
+    if args.anomalous:
+        Xa, _ = _load_folder(
+            Path(args.anomalous), "anomalous", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels
+        )
+        _print_evaluation(det, det.score_samples(X), det.score_samples(Xa))
+    return 0
+
+
+def _print_evaluation(det: Detector, normal_scores: Any, anomalous_scores: Any) -> Any:
+    from anomon.calibrate import evaluate
+
+    ev = evaluate(normal_scores, anomalous_scores, det.threshold_)
+    print(f"AUROC {ev.auroc:.4f}   average precision {ev.average_precision:.4f}")
+    print(
+        f"at threshold {ev.threshold:.4f}: detection rate {ev.detection_rate:.1%} "
+        f"({round(ev.detection_rate * ev.n_anomalous)}/{ev.n_anomalous} anomalous), "
+        f"false-alarm rate {ev.false_alarm_rate:.1%} ({round(ev.false_alarm_rate * ev.n_normal)}/{ev.n_normal} normal)"
+    )
+    return ev
+
+
+# ---------------------------------------------------------------------------------------- score
+def _expand(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(file, name relative to the argument it came from), so heat maps mirror the input layout."""
+    out: list[tuple[Path, Path]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend((f, f.relative_to(p)) for f in iter_image_files(p))
+        elif p.exists() or p.is_symlink():
+            out.append((p, Path(p.name)))
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    if not out:
+        raise UserError("no images found in " + ", ".join(paths))
+    return out
+
+
+def score_records(det: Detector, items: list[tuple[Path, Path]], heatmaps: Path | None, batch: int = 32) -> Iterator[dict[str, Any]]:
+    """Decode, score in batches, yield one record per input (errors included), in input order."""
+    from anomon.heatmap import save_overlay
+
+    model_id = det.model_id
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        decoded: list[tuple[int, Any]] = []
+        records: list[dict[str, Any]] = [{} for _ in chunk]
+        for i, (path, _) in enumerate(chunk):
+            try:
+                decoded.append((i, load_image(path)))
+            except ImageError as e:
+                records[i] = {"path": str(path), "error": e.reason, "message": str(e), "model_id": model_id}
+        if decoded:
+            import numpy as np
+
+            X = np.stack([det.preprocess(img) for _, img in decoded])
+            scores, maps = det.score_with_maps(X)
+            pvals = det.p_values(scores)
+            for (i, img), s, m, p in zip(decoded, scores, maps, pvals):
+                path, rel = chunk[i]
+                rec: dict[str, Any] = {
+                    "path": str(path),
+                    "score": round(float(s), 6),
+                    "threshold": round(det.threshold_, 6),
+                    "anomalous": bool(s > det.threshold_),
+                    "p_value": round(float(p), 6),
+                    "model_id": model_id,
+                }
+                if heatmaps is not None:
+                    hm = save_overlay(heatmaps / rel.with_suffix(".png"), img, m, vmax=det.heat_vmax, vmin=det.heat_vmin)
+                    rec["heatmap"] = str(hm)
+                records[i] = rec
+        yield from records
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    det = _load_detector(Path(args.model))
+    items = _expand(args.paths)
+    fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
+    heatmaps = Path(args.heatmaps) if args.heatmaps else None
+    errors = 0
+    fields = ["path", "score", "threshold", "anomalous", "p_value", "model_id", "error"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore") if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    if fmt == "table":
+        print(f"{'verdict':<10} {'score':>9} {'p-value':>8}  path")
+    for rec in score_records(det, items, heatmaps):
+        errors += "error" in rec
+        if fmt == "jsonl":
+            print(json.dumps(rec), flush=True)
+        elif writer:
+            writer.writerow(rec)
+        else:
+            if "error" in rec:
+                print(f"{'ERROR':<10} {'':>9} {'':>8}  {rec['path']}  ({rec['message']})")
+            else:
+                verdict = "ANOMALOUS" if rec["anomalous"] else "normal"
+                print(f"{verdict:<10} {rec['score']:>9.3f} {rec['p_value']:>8.4f}  {rec['path']}")
+    if errors:
+        print(f"anomon: {errors} of {len(items)} images could not be scored", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    det = _load_detector(Path(args.model))
+    normal_dir, anomalous_dir = Path(args.normal), Path(args.anomalous)
+    Xn, n_paths = _load_folder(normal_dir, "normal", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels)
+    Xa, a_paths = _load_folder(anomalous_dir, "anomalous", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels)
+    sn, _ = det.score_with_maps(Xn)
+    sa, _ = det.score_with_maps(Xa)
+    print(f"model {det.model_id}: {len(sn)} normal, {len(sa)} anomalous images")
+    ev = _print_evaluation(det, sn, sa)
+    if args.report:
+        from anomon.report import write_report
+
+        out = write_report(Path(args.report), det, ev, sn, sa, n_paths, a_paths)
+        print(f"report written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    det = _load_detector(Path(args.model))
+    print(json.dumps(det.info(), indent=2, sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- watch
+def cmd_watch(args: argparse.Namespace) -> int:
+    from anomon.config import load_watch_config
+    from anomon.service import StartupError, run
+
+    cfg = load_watch_config(Path(args.config) if args.config else None, {
+        "model": args.model, "watch": args.watch, "state": args.state, "listen": args.listen,
+        "polling": True if args.polling else None,
+    })
+    try:
+        return run(cfg)
+    except StartupError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_verdicts(args: argparse.Namespace) -> int:
+    from anomon.verdicts import VerdictsError, parse_since, write_verdicts
+
+    fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
+    try:
+        since = parse_since(args.since) if args.since else None
+        write_verdicts(Path(args.state), sys.stdout, since=since, anomalous_only=args.anomalous_only, fmt=fmt)
+    except VerdictsError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _fpr(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _image_size(text: str) -> int:
+    v = _positive_int(text)
+    if not 8 <= v <= 1024:
+        raise argparse.ArgumentTypeError(f"must be between 8 and 1024, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors end in one line, like every other anomon error."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"anomon: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="anomon", description="Anomaly detection for visual inspection lines.")
+    p.add_argument("--version", action="version", version=f"anomon {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model on a folder of normal images")
+    t.add_argument("data_dir", metavar="DATA_DIR")
+    t.add_argument("-o", "--output", metavar="MODEL", required=True, help="bundle file to write")
+    t.add_argument("--image-size", type=_image_size, help="working size in pixels (default: median image size, at most 256)")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = colour (default: from the images)")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--latent-dim", type=_positive_int, help="size of the bottleneck vector")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    t.add_argument("--target-fpr", type=_fpr, help="target false-alarm rate (default 0.05)")
+    t.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop training after this long")
+    t.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="recompute the threshold from normal images")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("normal_dir", metavar="NORMAL_DIR")
+    c.add_argument("--target-fpr", type=_fpr)
+    c.add_argument("--anomalous", metavar="DIR", help="also report how the threshold does on these")
+    c.add_argument("-o", "--output", metavar="MODEL", help="write here instead of rewriting MODEL")
+    c.add_argument("--skip-bad", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("score", help="score image files or folders")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("paths", metavar="PATH", nargs="+")
+    s.add_argument("--format", choices=("jsonl", "csv", "table"))
+    s.add_argument("--heatmaps", metavar="DIR", help="write a heat-map overlay PNG per image")
+    s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("evaluate", help="AUROC, AP and rates at the threshold on labelled folders")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--normal", metavar="DIR", required=True)
+    e.add_argument("--anomalous", metavar="DIR", required=True)
+    e.add_argument("--report", metavar="DIR", help="write ROC curve, histogram and top heat maps")
+    e.add_argument("--skip-bad", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("info", help="print a model bundle's metadata")
+    i.add_argument("model", metavar="MODEL")
+    i.set_defaults(func=cmd_info)
+
+    w = sub.add_parser("watch", help="the monitoring daemon: watch folders, score new images, alert")
+    w.add_argument("--config", metavar="TOML", help="anomon.toml; the flags below override it")
+    w.add_argument("--model", metavar="MODEL")
+    w.add_argument("--watch", metavar="DIR", action="append", help="folder to watch (repeatable)")
+    w.add_argument("--state", metavar="DIR", help="ledger, alerts.jsonl, anomalies/ (default ./anomon-state)")
+    w.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9108)")
+    w.add_argument("--polling", action="store_true", help="poll the folders (network shares)")
+    w.set_defaults(func=cmd_watch, setup_logging=False)  # the daemon sets up its own (JSON) logging
+
+    v = sub.add_parser("verdicts", help="list the verdicts a daemon's ledger holds")
+    v.add_argument("--state", metavar="DIR", required=True)
+    v.add_argument("--since", metavar="TIME", help="ISO date/time (UTC), a duration back (2h, 30m), or Unix time")
+    v.add_argument("--anomalous-only", action="store_true")
+    v.add_argument("--format", choices=("jsonl", "csv", "table"))
+    v.set_defaults(func=cmd_verdicts)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="anomon: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "setup_logging", True):
+        _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, BundleError, ConfigError, CalibrationError, ImageError) as e:
+        print(f"anomon: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("anomon: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `anomon score ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

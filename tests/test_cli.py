@@ -1,0 +1,141 @@
+"""The command line as a user runs it: real subprocesses, real files, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, anomalous_array, normal_array, write_png
+from PIL import Image
+
+ANOMON = [sys.executable, "-m", "anomon"]
+
+
+def run(*args: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(ANOMON + [str(a) for a in args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    if ok is True:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("anomon: error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(5)
+    for i in range(30):
+        write_png(root / "normal" / f"n{i:02d}.png", normal_array(rng))
+    for i in range(8):
+        write_png(root / "anomalous" / f"a{i:02d}.png", anomalous_array(rng))
+    return {"normal": root / "normal", "anomalous": root / "anomalous", "root": root}
+
+
+def test_score_jsonl_csv_table_and_heatmaps(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    r = run("score", tiny_bundle, images["anomalous"], images["normal"] / "n00.png", "--heatmaps", tmp_path / "hm")
+    recs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(recs) == 9
+    for rec in recs:
+        assert set(rec) >= {"path", "score", "threshold", "anomalous", "p_value", "model_id"}
+        assert 0 < rec["p_value"] <= 1
+        assert Path(rec["heatmap"]).is_file()
+    assert Image.open(tmp_path / "hm" / "a00.png").size == (32, 32)  # original size
+    info = json.loads(run("info", tiny_bundle).stdout)
+    assert {r["model_id"] for r in recs} == {info["model_id"]}
+    rows = list(csv.DictReader(io.StringIO(run("score", tiny_bundle, images["anomalous"], "--format", "csv").stdout)))
+    assert len(rows) == 8 and rows[0]["model_id"] == info["model_id"]
+    table = run("score", tiny_bundle, images["anomalous"], "--format", "table").stdout
+    assert "a00.png" in table and "verdict" in table
+
+
+def test_unreadable_image_gives_error_record_and_exit_2(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    d = tmp_path / "mixed"
+    shutil.copytree(images["anomalous"], d)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    (d / "notes.jpg").write_text("not an image")
+    r = run("score", tiny_bundle, d, ok=None)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    recs = {Path(x["path"]).name: x for x in map(json.loads, r.stdout.splitlines())}
+    assert len(recs) == 10
+    assert recs["broken.png"]["error"] == "truncated"
+    assert recs["notes.jpg"]["error"] == "not_image"
+    assert sum("score" in x for x in recs.values()) == 8  # the others were still scored
+
+
+def test_calibrate_rewrites_bundle_and_reports(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    model = tmp_path / "m.anomon"
+    shutil.copy(tiny_bundle, model)
+    before = json.loads(run("info", model).stdout)
+    r = run("calibrate", model, images["normal"], "--target-fpr", "0.2", "--anomalous", images["anomalous"])
+    assert "threshold" in r.stdout and "expected false-alarm rate" in r.stdout
+    assert "AUROC" in r.stdout and "detection rate" in r.stdout
+    after = json.loads(run("info", model).stdout)
+    assert after["model_id"] != before["model_id"]
+    assert after["calibration"]["n"] == 30 and after["calibration"]["target_fpr"] == 0.2
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_evaluate_report(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    r = run("evaluate", tiny_bundle, "--normal", images["normal"], "--anomalous", images["anomalous"], "--report", tmp_path / "rep")
+    assert "AUROC" in r.stdout
+    for name in ("roc.png", "histogram.png", "summary.json"):
+        assert (tmp_path / "rep" / name).is_file()
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert 0.0 <= summary["auroc"] <= 1.0 and len(summary["top_scoring"]) == 12
+    assert len(list((tmp_path / "rep" / "heatmaps").glob("*.png"))) == 12
+
+
+def test_user_mistakes_are_one_line(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("train", tmp_path / "nope", "-o", tmp_path / "m", ok=None), "not found")
+    assert_one_line_error(run("train", empty, "-o", tmp_path / "m", ok=None), "no images found")
+    assert_one_line_error(run("train", images["normal"], "-o", tmp_path / "no" / "m", "--epochs", "1", ok=None), "does not exist")
+    assert_one_line_error(run("train", images["normal"], "-o", tmp_path / "m", "--target-fpr", "2", ok=None), "target-fpr")
+    bad = tmp_path / "bad"
+    shutil.copytree(images["normal"], bad)
+    (bad / "zz.png").write_bytes(b"")
+    assert_one_line_error(run("train", bad, "-o", tmp_path / "m", "--epochs", "1", ok=None), "zz.png", "--skip-bad")
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.new("1", (9000, 9000)).save(big / "huge.png")
+    r = run("score", tiny_bundle, big, ok=None)
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "too_large"
+    garbage = tmp_path / "garbage.anomon"
+    garbage.write_bytes(b"hello")
+    tampered = tmp_path / "tampered.anomon"
+    data = bytearray(tiny_bundle.read_bytes())
+    data[-50] ^= 0x55
+    tampered.write_bytes(bytes(data))
+    for model, needle in [(garbage, "not an anomon model bundle"), (tampered, "integrity"), (tmp_path / "none", "not found")]:
+        assert_one_line_error(run("score", model, images["normal"], ok=None), needle)
+        assert_one_line_error(run("info", model, ok=None), needle)
+    assert_one_line_error(run("score", tiny_bundle, tmp_path / "missing.png", ok=None), "no such file")
+    assert_one_line_error(run("evaluate", tiny_bundle, "--normal", images["normal"], ok=None), "--anomalous")
+    assert_one_line_error(run("frobnicate", ok=None), "invalid choice")
+
+
+def test_train_writes_a_usable_bundle_with_skip_bad(images, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(images["normal"], data)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n")
+    out = tmp_path / "m.anomon"
+    r = run("train", data, "-o", out, "--epochs", "2", "--seed", "3", "--skip-bad")
+    assert "written to" in r.stdout and "broken.png" in r.stderr
+    info = json.loads(run("info", out).stdout)
+    assert info["preprocessing"] == {"image_size": 32, "channels": 1, "resize": "bilinear"}  # auto-detected
+    assert info["training"]["n_images"] == 30 and info["n_parameters"] > 0

@@ -1,0 +1,122 @@
+"""The detector's contract: sklearn-style API, scores grow with abnormality, one trustworthy bundle."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import anomalous_array, normal_array
+
+from anomon.detector import BundleError, Detector, NotFittedError
+
+
+def _stack(arrs: list[np.ndarray]) -> np.ndarray:
+    return (np.stack(arrs)[:, None].astype(np.float32)) / 255.0
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    train = _stack([normal_array(rng) for _ in range(200)])
+    normal = _stack([normal_array(rng) for _ in range(100)])
+    anomalous = _stack([anomalous_array(rng) for _ in range(40)])
+    return train, normal, anomalous
+
+
+@pytest.fixture(scope="module")
+def fitted(data) -> Detector:
+    return Detector(image_size=32, channels=1, epochs=10, batch_size=32, device="cpu").fit(data[0], progress=False)
+
+
+def test_scores_grow_with_abnormality(fitted: Detector, data) -> None:
+    _, normal, anomalous = data
+    sn, sa = fitted.score_samples(normal), fitted.score_samples(anomalous)
+    assert np.median(sa) > np.max(sn)  # the big square is far outside normal
+    assert fitted.predict(anomalous).mean() > 0.9
+    assert fitted.predict(normal).mean() < 0.2  # target 0.05 with 20 held-out images
+    np.testing.assert_allclose(fitted.decision_function(anomalous), sa - fitted.threshold_)
+    assert set(np.unique(fitted.predict(normal))) <= {0, 1}
+
+
+def test_maps_point_at_the_defect(fitted: Detector, data) -> None:
+    _, maps = fitted.score_with_maps(data[2][:10])
+    assert maps.shape == (10, 32, 32)
+    s = 32 // 3
+    for m in maps:  # the hottest point lies in (or right next to) the square
+        y, x = np.unravel_index(np.argmax(m), m.shape)
+        assert s - 3 <= y < 2 * s + 3 and s - 3 <= x < 2 * s + 3
+
+
+def test_p_values_small_for_anomalies(fitted: Detector, data) -> None:
+    p = fitted.p_values(fitted.score_samples(data[2]))
+    assert np.all((p > 0) & (p <= 1)) and np.median(p) <= 1.0 / (fitted.calibration_scores_.numel() + 1) + 1e-9
+
+
+def test_bundle_round_trip(fitted: Detector, data, tmp_path: Path) -> None:
+    path = tmp_path / "m.anomon"
+    model_id = fitted.save(path)
+    loaded = Detector.load(path, device="cpu")
+    assert loaded.model_id == model_id == fitted.model_id
+    assert loaded.threshold_ == fitted.threshold_
+    np.testing.assert_allclose(loaded.score_samples(data[1]), fitted.score_samples(data[1]), rtol=1e-5, atol=1e-6)
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write cleaned up
+
+
+def test_same_seed_same_model(data) -> None:
+    a = Detector(image_size=32, epochs=3, batch_size=16, seed=7, device="cpu").fit(data[0][:40], progress=False)
+    b = Detector(image_size=32, epochs=3, batch_size=16, seed=7, device="cpu").fit(data[0][:40], progress=False)
+    c = Detector(image_size=32, epochs=3, batch_size=16, seed=8, device="cpu").fit(data[0][:40], progress=False)
+    assert a.model_id == b.model_id
+    assert a.model_id != c.model_id
+
+
+def test_recalibration_changes_threshold_and_id(fitted: Detector, data) -> None:
+    det = Detector.from_bytes(fitted.to_bytes(), device="cpu")
+    old_id, old_t = det.model_id, det.threshold_
+    det.calibrate(det.score_samples(data[1]), target_fpr=0.25)
+    assert det.threshold_ != old_t and det.model_id != old_id
+
+
+def test_unfitted_detector_refuses() -> None:
+    with pytest.raises(NotFittedError):
+        Detector().score_samples(np.zeros((1, 1, 28, 28), np.float32))
+
+
+def _rewrite_meta(data: bytes, change) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["anomon"])
+    change(meta)
+    header["__metadata__"]["anomon"] = json.dumps(meta, sort_keys=True)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def test_bad_bundles_give_one_clear_error(fitted: Detector, tmp_path: Path) -> None:
+    good = fitted.to_bytes()
+    flipped = bytearray(good)
+    flipped[-100] ^= 0xFF  # a weight byte
+    threshold_edit = _rewrite_meta(good, lambda m: m.__setitem__("threshold", 1e9))
+    newer = _rewrite_meta(good, lambda m: m.__setitem__("format", 99))
+    cases = {
+        "missing": (None, "not found"),
+        "garbage": (b"\x00\x01garbage" * 50, "not an anomon model bundle"),
+        "empty": (b"", "not an anomon model bundle"),
+        "truncated": (good[: len(good) // 2], "corrupt model bundle"),
+        "flipped": (bytes(flipped), "integrity check"),
+        "threshold": (threshold_edit, "integrity check"),
+        "newer": (newer, "newer than this anomon"),
+        "pickle": (b"\x80\x04\x95" + b"x" * 100, "not an anomon model bundle"),
+    }
+    for name, (content, expected) in cases.items():
+        p = tmp_path / f"{name}.anomon"
+        if content is not None:
+            p.write_bytes(content)
+        with pytest.raises(BundleError) as e:
+            Detector.load(p)
+        assert expected in str(e.value), (name, str(e.value))
+        assert "\n" not in str(e.value)

@@ -1,0 +1,90 @@
+"""Every way an image file fails maps to one reason, the same for training, scoring and the daemon."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomon.images import ImageError, iter_image_files, load_image, to_array
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def good_png() -> bytes:
+    return _png((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8))
+
+
+def _reason(path: Path, **kw) -> str:
+    with pytest.raises(ImageError) as e:
+        load_image(path, **kw)
+    assert str(path) in str(e.value)
+    return e.value.reason
+
+
+def test_good_image_decodes(tmp_path: Path, good_png: bytes) -> None:
+    p = tmp_path / "a.png"
+    p.write_bytes(good_png)
+    assert load_image(p).size == (24, 24)
+
+
+def test_each_failure_has_its_reason(tmp_path: Path, good_png: bytes) -> None:
+    cases = {
+        "empty.png": (b"", "empty"),
+        "half.png": (good_png[: len(good_png) // 2], "truncated"),
+        "header.png": (good_png[:12], "truncated"),
+        "text.png": (b"this is not an image at all\n" * 20, "not_image"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert _reason(tmp_path / name) == reason, name
+    # valid signature and header, garbage pixel data
+    broken = bytearray(good_png)
+    idat = broken.find(b"IDAT")
+    broken[idat + 8 : idat + 40] = b"\x00" * 32
+    (tmp_path / "corrupt.png").write_bytes(bytes(broken))
+    assert _reason(tmp_path / "corrupt.png") in ("corrupt", "truncated")
+    assert _reason(tmp_path / "missing.png") == "vanished"
+    (tmp_path / "dir.png").mkdir()
+    assert _reason(tmp_path / "dir.png") == "unreadable"
+
+
+def test_pixel_and_byte_limits_checked_before_decoding(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.new("1", (9000, 9000)).save(big)  # 81 Mpx, a few kB on disk
+    assert big.stat().st_size < 200_000
+    assert _reason(big) == "too_large"
+    small = tmp_path / "small.png"
+    small.write_bytes(_png(np.zeros((40, 40), np.uint8)))
+    assert _reason(small, max_pixels=1000) == "too_large"
+    assert _reason(small, max_bytes=10) == "too_large"
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3), ("L", 3), ("RGB", 1), ("I;16", 1)])
+def test_to_array_shape_and_range(mode: str, channels: int) -> None:
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(30 * 20).reshape(20, 30) * 50).astype(np.uint16))
+    else:
+        img = Image.new(mode, (30, 20), color=128 if mode == "L" else (10, 200, 30))
+    arr = to_array(img, image_size=16, channels=channels)
+    assert arr.shape == (channels, 16, 16) and arr.dtype == np.float32
+    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    if mode == "I;16":
+        assert arr.max() > 0.9  # 16-bit range rescaled, not clipped to black/white
+
+
+def test_iter_image_files_recursive_sorted_skips_hidden(tmp_path: Path, good_png: bytes) -> None:
+    for rel in ["b.png", "a.JPG", "sub/c.tif", ".hidden.png", ".cache/d.png", "notes.txt"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(good_png)
+    names = [str(p.relative_to(tmp_path)) for p in iter_image_files(tmp_path)]
+    assert names == ["a.JPG", "b.png", "sub/c.tif"]
