@@ -2,8 +2,15 @@
 
 It must *compress*: an autoencoder whose code is as large as its input learns to copy, and then
 reconstructs defects as well as it reconstructs normal texture (the seed design scored AUROC 0.74 on
-Fashion-MNIST for that reason). So the encoder halves the resolution until about 4x4, whatever the
-input size, and squeezes everything through a dense latent vector of `latent_dim` numbers.
+Fashion-MNIST for that reason). The encoder halves the resolution stage by stage, then:
+
+- small images (at most 4 halvings reach 4x4, e.g. 28 or 64 px): everything goes through a dense
+  latent vector of `latent_dim` numbers: one code for the whole, aligned object;
+- large images (hundreds of pixels, textured surfaces): after 4 halvings each 16x16-pixel cell is
+  squeezed through `latent_channels` numbers (8 by default: 3% of the pixels). A single global
+  vector cannot say where each brick or grain of a randomly placed texture is (measured on the
+  sample textures: the training loss never left the "predict the mean" level), while a per-cell
+  code can describe normal texture but not a scratch it has never seen.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def stage_sizes(image_size: int, floor: int = 4) -> list[int]:
-    """Spatial sizes of the encoder stages: 28 -> [28, 14, 7, 4]; 256 -> [256, ..., 8, 4]."""
+MAX_HALVINGS = 4
+
+
+def stage_sizes(image_size: int, floor: int = 4, max_halvings: int = MAX_HALVINGS) -> list[int]:
+    """Spatial sizes of the encoder stages: 28 -> [28, 14, 7, 4]; 160 -> [160, 80, 40, 20, 10]."""
     sizes = [image_size]
-    while sizes[-1] > floor:
+    while sizes[-1] > floor and len(sizes) <= max_halvings:
         sizes.append(math.ceil(sizes[-1] / 2))
     return sizes
 
@@ -49,6 +59,7 @@ class ConvAutoencoder(nn.Module):
         latent_dim: int = 32,
         width: int = 32,
         max_width: int = 256,
+        latent_channels: int = 8,
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = dict(
@@ -57,6 +68,7 @@ class ConvAutoencoder(nn.Module):
             latent_dim=latent_dim,
             width=width,
             max_width=max_width,
+            latent_channels=latent_channels,
         )
         self.sizes = stage_sizes(image_size)
         depth = len(self.sizes) - 1
@@ -69,10 +81,19 @@ class ConvAutoencoder(nn.Module):
             cin = w
         self.encoder = nn.Sequential(*enc)
         bottom = self.sizes[-1]
+        self.spatial = bottom > 4
         self._bottom_shape = (widths[-1], bottom, bottom)
-        flat = widths[-1] * bottom * bottom
-        self.to_latent = nn.Linear(flat, latent_dim)
-        self.from_latent = nn.Sequential(nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2, inplace=True))
+        if self.spatial:
+            self.to_latent: nn.Module = nn.Conv2d(widths[-1], latent_channels, 1)
+            self.from_latent: nn.Module = nn.Sequential(
+                nn.Conv2d(latent_channels, widths[-1], 1), nn.LeakyReLU(0.2, inplace=True)
+            )
+        else:
+            flat = widths[-1] * bottom * bottom
+            self.to_latent = nn.Sequential(nn.Flatten(1), nn.Linear(flat, latent_dim))
+            self.from_latent = nn.Sequential(
+                nn.Linear(latent_dim, flat), nn.LeakyReLU(0.2, inplace=True), nn.Unflatten(1, self._bottom_shape)
+            )
 
         # The decoder runs stride-1 convolutions at every resolution up to the full image, so it
         # costs most of the compute; half the encoder's width at each resolution keeps training
@@ -88,10 +109,10 @@ class ConvAutoencoder(nn.Module):
         self.head = nn.Conv2d(cin, channels, 3, padding=1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_latent(self.encoder(x).flatten(1))
+        return self.to_latent(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.from_latent(z).view(-1, *self._bottom_shape)
+        h = self.from_latent(z)
         for size, block in zip(reversed(self.sizes[:-1]), self.decoder):
             h = block(F.interpolate(h, size=(size, size), mode="nearest"))
         return torch.sigmoid(self.head(h))
