@@ -1,0 +1,468 @@
+"""Checks on the operator-facing files in deploy/ (Prometheus, Grafana, systemd, Docker).
+
+Why these tests exist: dashboards and alert rules fail silently. A renamed metric, a typo in PromQL
+or an alert without a unit test shows up as an empty panel or an alert that never fires, months later,
+on a production line. So every expression is parsed by promtool, every alert is exercised by
+`promtool test rules`, and every metric name is checked against what the daemon exports.
+
+promtool comes from Debian's `prometheus` package. Without it the promtool tests are skipped, unless
+the environment variable CI is set: CI installs the package, so a missing promtool there is a failure.
+YAML is parsed with PyYAML (test extra, pinned in constraints.txt).
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from anomon.config import WatchConfig, load_watch_config, read_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROM_DIR = DEPLOY / "prometheus"
+PROM_CONFIG = PROM_DIR / "prometheus.yml"
+RULES = PROM_DIR / "rules.yml"
+RULES_TEST = PROM_DIR / "rules.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "anomon.json"
+DS_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASH_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "dashboards" / "anomon.yml"
+UNIT = DEPLOY / "systemd" / "anomon.service"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+COMPOSE = DEPLOY / "docker" / "compose.yml"
+EXAMPLE_CONFIG = DEPLOY / "anomon.toml"
+
+# The daemon's metric contract: name -> Prometheus type. TODO(lead): read it from anomon.metrics.
+DAEMON_METRICS: dict[str, str] = {
+    "anomon_images_scored_total": "counter",
+    "anomon_image_errors_total": "counter",
+    "anomon_anomaly_score": "histogram",
+    "anomon_score_threshold": "gauge",
+    "anomon_scoring_duration_seconds": "histogram",
+    "anomon_intake_latency_seconds": "histogram",
+    "anomon_queue_depth": "gauge",
+    "anomon_last_scored_timestamp_seconds": "gauge",
+    "anomon_model_info": "gauge",
+    "anomon_model_reloads_total": "counter",
+    "anomon_build_info": "gauge",
+    "anomon_alerts_total": "counter",
+    "anomon_webhook_deliveries_total": "counter",
+    "anomon_ready": "gauge",
+}
+# prometheus-client's default process and platform collectors (Linux).
+CLIENT_DEFAULT_SERIES = frozenset({
+    "process_cpu_seconds_total", "process_max_fds", "process_open_fds",
+    "process_resident_memory_bytes", "process_start_time_seconds", "process_virtual_memory_bytes",
+    "python_gc_collections_total", "python_gc_objects_collected_total",
+    "python_gc_objects_uncollectable_total", "python_info",
+})
+JOB = "anomon"
+DEFAULT_TARGET = "127.0.0.1:9108"
+
+
+def series_names(metrics: dict[str, str]) -> set[str]:
+    """The series names a scrape shows for each metric (histograms expand to three)."""
+    out: set[str] = set()
+    for name, kind in metrics.items():
+        if kind == "histogram":
+            out |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            out.add(name)
+    return out
+
+
+EXPORTED_SERIES = frozenset(series_names(DAEMON_METRICS) | CLIENT_DEFAULT_SERIES)
+
+# ------------------------------------------------------------------------------- helpers
+
+_PROMQL_KEYWORDS = frozenset({
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+    "offset", "inf", "nan", "atan2",
+})
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names referred to by a PromQL expression (simple lexing, no full parser).
+
+    Good enough for the expressions in this repository: strings, label matchers, range selectors
+    and label lists are removed first, then every remaining identifier that is neither a function
+    call nor a keyword is a metric name.
+    """
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r" \1 ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", s):
+        word = m.group()
+        rest = s[m.end():].lstrip()
+        if word.lower() in _PROMQL_KEYWORDS or re.match(r"\(|(by|without)\b", rest):
+            continue  # keyword, function call, or aggregation (`sum by (x) (...)`)
+        names.add(word)
+    return names
+
+
+def load_yaml(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    return load_yaml(RULES)["groups"]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in rule_groups() for r in g["rules"] if "alert" in r]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [r for g in rule_groups() for r in g["rules"] if "record" in r]
+
+
+def dashboard() -> dict[str, Any]:
+    with open(DASHBOARD, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in panels:
+        yield p
+        yield from all_panels(p.get("panels", []))  # collapsed rows hold their panels
+
+
+def dashboard_targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(p, t) for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
+
+
+# Grafana variables, replaced as Grafana would before Prometheus sees the query.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*"}
+
+
+def grafana_expand(expr: str) -> str:
+    for var, value in sorted(GRAFANA_VARS.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(var, value)
+    return expr
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail("promtool is not on PATH; CI must install Debian's prometheus package")
+    pytest.skip("promtool is not on PATH (apt-get install prometheus); set CI=1 to fail instead")
+
+
+def run_promtool(promtool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def unit_config() -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",),
+                                   comment_prefixes=("#", ";"), empty_lines_in_values=False)
+    cp.optionxform = str  # systemd keys are case-sensitive
+    cp.read(UNIT, encoding="utf-8")
+    return cp
+
+
+# ------------------------------------------------------------------------------- the helpers themselves
+
+def test_promql_metric_names_lexer() -> None:
+    expr = ('histogram_quantile(0.99, sum by (instance, le) (rate(anomon_x_bucket{job="a", le=~"1e-3"}'
+            '[5m]))) > on () group_left () anomon:thr and on (job) time() - foo_seconds offset 1h > 1e-9'
+            ' unless bar{reason="x y"} * 60')
+    assert promql_metric_names(expr) == {"anomon_x_bucket", "anomon:thr", "foo_seconds", "bar"}
+    assert promql_metric_names('up{job="anomon"} == 0 or absent(up{job="anomon"})') == {"up"}
+
+
+# ------------------------------------------------------------------------------- Prometheus
+
+def test_promtool_check_config(promtool: str) -> None:
+    out = run_promtool(promtool, "check", "config", PROM_CONFIG.name, cwd=PROM_DIR)
+    assert "1 rule files found" in out.stdout + out.stderr
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    out = run_promtool(promtool, "check", "rules", RULES.name, cwd=PROM_DIR)
+    n = len(alert_rules()) + len(recording_rules())
+    assert f"{n} rules found" in out.stdout + out.stderr
+
+
+def test_promtool_test_rules(promtool: str) -> None:
+    out = run_promtool(promtool, "test", "rules", RULES_TEST.name, cwd=PROM_DIR)
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def test_scrape_config_matches_the_daemon_defaults() -> None:
+    cfg = load_yaml(PROM_CONFIG)
+    assert cfg["global"]["scrape_interval"] == "15s"
+    assert cfg["global"]["evaluation_interval"] == "15s"
+    assert cfg["rule_files"] == ["rules.yml"]  # relative to prometheus.yml
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert JOB in jobs
+    targets = [t for sc in jobs[JOB]["static_configs"] for t in sc["targets"]]
+    assert targets == [DEFAULT_TARGET]
+    assert WatchConfig.model_fields["listen"].default == DEFAULT_TARGET
+
+
+EXPECTED_ALERTS = {
+    "AnomonDown", "AnomonAnomalyRateHigh", "AnomonNoImagesScored", "AnomonImageErrors",
+    "AnomonQueueBacklogGrowing", "AnomonModelReloadFailed", "AnomonScoringLatencyHigh",
+}
+
+
+def test_alert_rules_are_complete() -> None:
+    alerts = alert_rules()
+    names = [a["alert"] for a in alerts]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    assert EXPECTED_ALERTS <= set(names)
+    for a in alerts:
+        assert "for" in a, f"{a['alert']}: no `for:`"
+        assert a["labels"]["severity"] in {"critical", "warning"}, a["alert"]
+        ann = a["annotations"]
+        assert ann.get("summary") and ann.get("description"), a["alert"]
+        assert "\n" not in ann["summary"], f"{a['alert']}: summary must be one line"
+
+
+def test_every_alert_fires_and_holds_in_unit_tests() -> None:
+    """Each alert has a promtool case where it fires and one where it must stay silent."""
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for case in load_yaml(RULES_TEST)["tests"]:
+        for t in case.get("alert_rule_test", []):
+            (fires if t.get("exp_alerts") else silent).add(t["alertname"])
+            for exp in t.get("exp_alerts") or []:
+                # A firing case must pin the labels and the rendered text, not just "something fired".
+                assert exp.get("exp_labels", {}).get("severity"), t["alertname"]
+                assert {"summary", "description"} <= set(exp.get("exp_annotations", {})), t["alertname"]
+    names = {a["alert"] for a in alert_rules()}
+    assert names - fires == set(), "alerts never tested firing"
+    assert names - silent == set(), "alerts never tested staying silent"
+    assert load_yaml(RULES_TEST)["rule_files"] == ["rules.yml"]
+
+
+def test_rules_use_only_exported_metrics() -> None:
+    recorded = {r["record"] for r in recording_rules()}
+    allowed = EXPORTED_SERIES | recorded | {"up"}  # `up` is made by Prometheus for every target
+    for r in recording_rules() + alert_rules():
+        unknown = promql_metric_names(r["expr"]) - allowed
+        assert not unknown, f"{r.get('alert') or r.get('record')}: unknown metrics {unknown}"
+    for name in recorded:
+        assert name.startswith("anomon:"), name
+        assert re.fullmatch(r"[a-z_:][a-z0-9_:]*", name), name
+
+
+def test_rules_select_the_anomon_job() -> None:
+    """Every raw daemon metric in a rule is selected with job="anomon" (another exporter could
+    reuse a process_* name)."""
+    for r in recording_rules() + alert_rules():
+        for name in promql_metric_names(r["expr"]) & EXPORTED_SERIES:
+            for m in re.finditer(rf"\b{re.escape(name)}\b(\{{[^}}]*\}})?", r["expr"]):
+                assert m.group(1) and f'job="{JOB}"' in m.group(1), (r.get("alert") or r["record"], name)
+
+
+# ------------------------------------------------------------------------------- Grafana
+
+def test_dashboard_structure() -> None:
+    d = dashboard()
+    assert d["uid"] == "anomon" and d["title"]
+    assert 36 <= d["schemaVersion"] <= 41
+    panels = list(all_panels(d["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    assert all(isinstance(i, int) and i > 0 for i in ids)
+    # No two panels overlap on the 24-column grid.
+    cells: dict[tuple[int, int], int] = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"panels {cells.get((x, y))} and {p['id']} overlap"
+                cells[(x, y)] = p["id"]
+
+
+def test_dashboard_datasource_is_the_provisioned_one() -> None:
+    d = dashboard()
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    ds_var = variables["datasource"]
+    assert ds_var["type"] == "datasource" and ds_var["query"] == "prometheus"
+    provisioned = load_yaml(DS_PROVISIONING)["datasources"]
+    assert ds_var["current"]["value"] in {ds["uid"] for ds in provisioned}
+    for p, t in dashboard_targets():
+        for ds in (p["datasource"], t["datasource"]):
+            assert ds == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+    assert "anomon_build_info" in variables["instance"]["definition"]
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    targets = dashboard_targets()
+    assert len(targets) >= 15
+    used: set[str] = set()
+    for p, t in targets:
+        names = promql_metric_names(t["expr"])
+        assert names, f"panel {p['id']}: no metric in {t['expr']!r}"
+        unknown = names - EXPORTED_SERIES
+        assert not unknown, f"panel {p['id']} ({p['title']}): not exported by the daemon: {unknown}"
+        used |= names
+    # The panels the operator needs are all there.
+    for needed in ("anomon_images_scored_total", "anomon_anomaly_score_bucket", "anomon_score_threshold",
+                   "anomon_intake_latency_seconds_bucket", "anomon_image_errors_total",
+                   "anomon_queue_depth", "anomon_model_info", "anomon_last_scored_timestamp_seconds",
+                   "anomon_model_reloads_total"):
+        assert needed in used, needed
+
+
+def test_dashboard_exprs_parse(promtool: str, tmp_path: Path) -> None:
+    """promtool parses each expression (as a recording rule), after Grafana's variable expansion."""
+    rules = []
+    for p, t in dashboard_targets():
+        expr = grafana_expand(t["expr"])
+        assert "$" not in expr, f"unexpanded variable in panel {p['id']}: {expr}"
+        rules.append({"record": f"dashboard_panel{p['id']}_{t['refId']}", "expr": expr})
+    (tmp_path / "dash.rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
+    out = run_promtool(promtool, "check", "rules", "dash.rules.yml", cwd=tmp_path)
+    assert f"{len(rules)} rules found" in out.stdout + out.stderr
+
+
+def test_dashboard_points_to_the_alert_feed() -> None:
+    texts = [p["options"]["content"] for p in all_panels(dashboard()["panels"]) if p["type"] == "text"]
+    assert any("/alerts" in t and "anomon verdicts" in t for t in texts)
+
+
+def test_grafana_provisioning() -> None:
+    ds = load_yaml(DS_PROVISIONING)
+    assert ds["apiVersion"] == 1
+    (prom,) = ds["datasources"]
+    assert prom["type"] == "prometheus" and prom["uid"] == "prometheus"
+    assert prom["url"].startswith("http://")
+    dash = load_yaml(DASH_PROVISIONING)
+    assert dash["apiVersion"] == 1
+    (provider,) = dash["providers"]
+    assert provider["type"] == "file"
+    assert Path(provider["options"]["path"]).is_absolute()
+
+
+# ------------------------------------------------------------------------------- systemd
+
+def test_systemd_unit_is_hardened() -> None:
+    cp = unit_config()
+    svc = cp["Service"]
+    expected = {
+        "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30",
+        "ExecStart": "/opt/anomon/.venv/bin/anomon watch --config /etc/anomon/anomon.toml",
+        "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure", "TimeoutStopSec": "20",
+        "DynamicUser": "yes", "StateDirectory": "anomon", "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict", "ProtectHome": "read-only", "PrivateTmp": "yes",
+    }
+    for key, value in expected.items():
+        assert svc.get(key) == value, f"{key}={svc.get(key)!r}, want {value!r}"
+    assert svc.get("RestartSec") and svc.get("ReadOnlyPaths")
+    assert "MemoryDenyWriteExecute" not in svc  # breaks PyTorch's JIT-generated CPU kernels
+    assert cp["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_unit_agrees_with_the_example_config() -> None:
+    svc = unit_config()["Service"]
+    cfg = load_watch_config(EXAMPLE_CONFIG, {})
+    assert str(cfg.state) == f"/var/lib/{svc['StateDirectory']}"
+    read_only = {p.lstrip("-") for p in shlex.split(svc["ReadOnlyPaths"])}
+    assert {str(w) for w in cfg.watch} <= read_only
+    assert cfg.listen == DEFAULT_TARGET
+    assert cfg.stop_timeout_s < float(svc["TimeoutStopSec"])
+    assert str(cfg.model).startswith(f"/etc/{svc['ConfigurationDirectory']}/")
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own parser: unknown keys and bad values are reported on stderr."""
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze is not installed")
+    # verify insists that ExecStart's program exists: point it at a stand-in, nothing else changes.
+    stand_in = tmp_path / "anomon"
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    text = UNIT.read_text().replace("/opt/anomon/.venv/bin/anomon", str(stand_in))
+    unit = tmp_path / "anomon.service"
+    unit.write_text(text)
+    proc = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0 and "bus" in proc.stderr.lower():
+        pytest.skip(f"systemd-analyze cannot run here: {proc.stderr.strip()}")
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+# ------------------------------------------------------------------------------- Docker
+
+def test_dockerfile() -> None:
+    text = DOCKERFILE.read_text()
+    # One entry per instruction: comments dropped, `\` continuation lines joined.
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(
+        ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    lines = [ln.strip() for ln in joined.splitlines() if ln.strip()]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert "EXPOSE 9108" in lines
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert "https://download.pytorch.org/whl/cpu" in text and "-c /src/constraints.txt" in text
+    cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD "))[4:])
+    assert cmd[-2:] == ["--listen", "0.0.0.0:9108"] and "/etc/anomon/anomon.toml" in cmd
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1:] and "!anomon/" in ignore
+
+
+def test_compose_wires_the_deploy_files() -> None:
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    assert set(services) == {"anomon", "prometheus", "grafana"}
+    base = COMPOSE.parent
+
+    mounts: dict[str, str] = {}
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src, dst = vol.split(":")[:2] if not vol.startswith("${") else (vol, vol)
+            if src.startswith("."):
+                assert (base / src).exists(), f"{name}: {src} does not exist"
+                mounts[str((base / src).resolve().relative_to(ROOT))] = dst
+    assert mounts["deploy/prometheus"] == "/etc/prometheus"
+    assert mounts["deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert mounts["deploy/grafana/dashboards"] == load_yaml(DASH_PROVISIONING)["providers"][0]["options"]["path"]
+    assert mounts["deploy/anomon.toml"] == "/etc/anomon/anomon.toml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+
+    anomon = services["anomon"]
+    assert (base / anomon["build"]["context"] / anomon["build"]["dockerfile"]).resolve() == DOCKERFILE
+    assert anomon["command"][-2:] == ["--listen", "0.0.0.0:9108"]
+    # The shared network namespace is what makes 127.0.0.1:9108 and localhost:9090 right here.
+    for name in ("anomon", "grafana"):
+        assert services[name]["network_mode"] == "service:prometheus"
+    ports = services["prometheus"]["ports"]
+    assert all(p.startswith("127.0.0.1:") for p in ports)
+    assert {p.split(":")[1] for p in ports} == {"9090", "3000", "9108"}
+
+
+# ------------------------------------------------------------------------------- example config
+
+def test_example_config_documents_every_field() -> None:
+    """deploy/anomon.toml loads, and names every WatchConfig field (set or commented out)."""
+    cfg = load_watch_config(EXAMPLE_CONFIG, {})
+    text = EXAMPLE_CONFIG.read_text()
+    for field in WatchConfig.model_fields:
+        assert re.search(rf"^#?\s*{field}\s*=", text, re.M), f"{field} not in {EXAMPLE_CONFIG.name}"
+    set_values = read_toml(EXAMPLE_CONFIG)
+    for key in set_values:  # the values shown are the defaults, except the paths
+        if key not in {"model", "watch", "state"}:
+            default = WatchConfig.model_fields[key].get_default(call_default_factory=True)
+            assert getattr(cfg, key) == default, key
