@@ -111,11 +111,25 @@ class ConvAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(self.encoder(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """`sizes`: the encoder's stage sizes, largest first (default: those of image_size)."""
+        if sizes is None:
+            sizes = [(s, s) for s in self.sizes[:-1]]
         h = self.from_latent(z)
-        for size, block in zip(reversed(self.sizes[:-1]), self.decoder):
-            h = block(F.interpolate(h, size=(size, size), mode="nearest"))
+        for size, block in zip(reversed(sizes), self.decoder):
+            h = block(F.interpolate(h, size=size, mode="nearest"))
         return torch.sigmoid(self.head(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        # With a spatial latent the network is fully convolutional: it can train on crops and
+        # score whole images, so the decoder follows the input's own stage sizes.
+        sizes = [tuple(x.shape[-2:])]
+        for _ in range(len(self.sizes) - 2):
+            h, w = sizes[-1]
+            sizes.append(((h + 1) // 2, (w + 1) // 2))
+        return self.decode(self.encode(x), sizes)  # type: ignore[arg-type]
+
+    @property
+    def crop_multiple(self) -> int:
+        """Crops for training must be a multiple of this to keep the stage sizes exact."""
+        return 2 ** (len(self.sizes) - 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,23 @@ class TrainResult:
 
 
 MIN_STEPS_PER_EPOCH = 16
+CROP = 64
+CROP_BATCH = 16
+
+
+def crop_size(model: ConvAutoencoder) -> int:
+    """Training crop for spatial-latent models on images larger than CROP; 0 = whole images."""
+    if not model.spatial or model.config["image_size"] <= CROP:
+        return 0
+    return max(model.crop_multiple, CROP // model.crop_multiple * model.crop_multiple)
+
+
+def _random_crops(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """One random crop per image (positions drawn from `gen`, so runs repeat)."""
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - crop + 1, (len(x),), generator=gen).tolist()
+    xs = torch.randint(0, w - crop + 1, (len(x),), generator=gen).tolist()
+    return torch.stack([img[:, y : y + crop, x0 : x0 + crop] for img, y, x0 in zip(x, ys, xs)])
 
 
 def effective_batch_size(batch_size: int, n_train: int) -> int:
@@ -93,7 +111,18 @@ def fit_autoencoder(
     """Adam on MSE; keeps the weights of the best validation epoch."""
     if progress is None:
         progress = sys.stderr.isatty()
-    batch_size = effective_batch_size(batch_size, len(X_train))
+    crop = crop_size(model)
+    if crop:
+        # A fully convolutional model learns texture from random crops: many cheap, varied
+        # samples instead of few whole images (sample_data, 400 steps: whole-image holdout loss
+        # 0.0158 -> 0.0102, below the 0.0144 of a 17-px blur). An epoch still covers about the
+        # data's area once.
+        area = (X_train.shape[-1] * X_train.shape[-2]) / crop**2
+        batch_size = CROP_BATCH
+        steps = max(MIN_STEPS_PER_EPOCH, math.ceil(len(X_train) * area / batch_size))
+    else:
+        batch_size = effective_batch_size(batch_size, len(X_train))
+        steps = math.ceil(len(X_train) / batch_size)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -114,9 +143,13 @@ def fit_autoencoder(
         model.train()
         order = torch.randperm(len(Xt), generator=gen)
         running, seen = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            x = Xt[idx].to(device)
+        for step in range(steps):
+            if crop:
+                idx = torch.randint(0, len(Xt), (batch_size,), generator=gen)
+                x = _random_crops(Xt[idx], crop, gen).to(device)
+            else:
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                x = Xt[idx].to(device)
             loss = _loss(model, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -143,7 +176,8 @@ def fit_autoencoder(
         if epoch - best[1] >= patience and epoch >= epochs // 4:
             stopped_early = True
             break
-        if time_budget_s is not None and elapsed > time_budget_s:
+        # Stop before an epoch that would not fit: a budget is a promise, not a hint.
+        if time_budget_s is not None and elapsed + elapsed / epoch > time_budget_s:
             stopped_early = True
             break
     if bar is not None:
