@@ -65,6 +65,9 @@ class WatchConfig(BaseModel):
         default_factory=lambda: [".*", "*~", "*.tmp", "*.part", "*.partial", "*.crdownload", "*.swp"]
     )
     stable_s: float = Field(0.5, ge=0)  # size+mtime unchanged this long => the writer is done
+    # A file that decodes as empty/truncated is "not yet": it is judged as such only if it stays
+    # unchanged this long (a writer may pause mid-file, or create the file before writing it).
+    incomplete_grace_s: float = Field(10.0, ge=0)
     reconcile_interval_s: float = Field(60.0, gt=0)
     max_pixels: int = Field(50_000_000, gt=0)
     max_bytes: int = Field(256 * 1024 * 1024, gt=0)
@@ -78,7 +81,9 @@ class WatchConfig(BaseModel):
     anomalies_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
     webhook_url: str | None = None
     webhook_timeout_s: float = Field(5.0, gt=0)
-    webhook_max_spool_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    webhook_max_spool_bytes: int = Field(64 * 1024 * 1024, gt=0)  # undelivered backlog, approx.
+    webhook_max_age_s: float = Field(7 * 86400.0, gt=0)  # older undelivered alerts: dead-lettered
+    webhook_max_backoff_s: float = Field(60.0, gt=0)  # retry delays double from 0.5 s up to this
 
     # lifecycle
     stop_timeout_s: float = Field(10.0, gt=0)

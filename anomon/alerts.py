@@ -1,0 +1,303 @@
+"""Exports of the ledger's alerts: alerts.jsonl, the webhook, and copies under STATE/anomalies/.
+
+The alerts table in the ledger is the source of truth: an alert is written in the same transaction
+as its verdict, so a verdict without its alert (or the reverse) cannot exist. Everything here is an
+at-least-once export of that table, caught up at start from a cursor:
+
+- alerts.jsonl: append, flush, fsync. Its own last complete line says where it stopped (a torn last
+  line from a crash is cut off), and the ledger keeps a cursor too, so a rotated file is not refilled.
+- webhook: POST each alert in order with an `Idempotency-Key` header (the alert's key). 5xx,
+  408/429, timeouts and connection errors are retried with exponential backoff, forever, so an
+  unreachable receiver delays alerts but never loses them; the cursor in the ledger is the spool,
+  and it survives restarts. Other 4xx answers are final: the alert goes to a dead-letter file and is
+  counted. Alerts older than `max_age_s`, or beyond `max_spool_bytes` of backlog, are dead-lettered
+  too (counted, never silently dropped). Like Alertmanager, but with a spool, because an anomaly
+  alert is a one-off event that nobody will re-send.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from anomon.ledger import Ledger, iso
+
+log = logging.getLogger("anomon.alerts")
+
+JSONL_NAME = "alerts.jsonl"
+DEAD_LETTER_NAME = "webhook-dead-letter.jsonl"
+ANOMALIES_DIR = "anomalies"
+
+
+def append_line(path: Path, obj: Any) -> None:
+    """Append one JSON line and make it durable before returning."""
+    with open(path, "ab") as f:
+        f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def last_jsonl_id(path: Path) -> int:
+    """The `id` of the last complete line of a JSONL file; cut off a torn last line first.
+
+    A crash during an append can leave half a line at the end. It is removed (with a warning), so
+    the next append starts on a clean line; the alert it held is written again from the ledger.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "r+b") as f:
+        tail_len = min(size, 1 << 20)
+        f.seek(size - tail_len)
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            keep = size - tail_len + cut + 1 if cut >= 0 else (0 if tail_len == size else size)
+            log.warning("%s: cutting off a torn last line (%d bytes) left by a crash", path,
+                        size - keep, extra={"file": str(path)})
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+            tail = tail[: cut + 1] if cut >= 0 else b""
+    for line in reversed(tail.splitlines()):
+        try:
+            return int(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+class _ExportThread:
+    """A thread that wakes on `notify()` (new alerts) or every second, until `stop()`."""
+
+    name = "export"
+    final_step = False  # one last catch-up when stopping (only for steps that cannot block)
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"anomon-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait, waking early on stop; True if stopping."""
+        return self._stop.wait(seconds)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # e.g. disk full; try again shortly, never die
+                log.exception("%s exporter error", self.name)
+                busy = False
+                self._sleep(1.0)
+            if not busy:
+                self._wake.wait(1.0)
+                self._wake.clear()
+        if self.final_step:
+            try:
+                self.step()
+            except Exception:
+                log.exception("%s exporter error", self.name)
+
+    def step(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class JsonlExporter(_ExportThread):
+    """Appends every alert to STATE/alerts.jsonl, in id order."""
+
+    name = "alerts-jsonl"
+    CURSOR = "alerts_jsonl"
+    final_step = True
+
+    def __init__(self, ledger: Ledger, state_dir: Path) -> None:
+        super().__init__()
+        self._ledger = ledger
+        self.path = state_dir / JSONL_NAME
+        self._cursor: int | None = None
+
+    def step(self) -> bool:
+        if self._cursor is None:  # first step runs on this thread: the connection is ours
+            self._cursor = max(last_jsonl_id(self.path), self._ledger.cursor(self.CURSOR))
+        alerts = self._ledger.alerts_after(self._cursor, 500)
+        for a in alerts:
+            append_line(self.path, a)
+            self._cursor = a["id"]
+        if alerts:
+            self._ledger.set_cursor(self.CURSOR, self._cursor)
+        return bool(alerts)
+
+
+class WebhookSender(_ExportThread):
+    """POSTs every alert to `url`, in order, retrying until it is accepted or dead-lettered."""
+
+    name = "webhook"
+    CURSOR = "webhook"
+
+    def __init__(self, ledger: Ledger, state_dir: Path, url: str, *, timeout_s: float = 5.0,
+                 max_backoff_s: float = 60.0, max_age_s: float = 7 * 86400.0,
+                 max_spool_bytes: int = 64 << 20,
+                 on_result: Callable[[str], None] = lambda result: None) -> None:
+        super().__init__()
+        self._ledger = ledger
+        self.url = url
+        self.dead_letter = state_dir / DEAD_LETTER_NAME
+        self._timeout_s = timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._max_age_s = max_age_s
+        self._max_spool_bytes = max_spool_bytes
+        self._on_result = on_result
+
+    def step(self) -> bool:
+        cursor = self._ledger.cursor(self.CURSOR)
+        alerts = self._ledger.alerts_after(cursor, 100)
+        for a in alerts:
+            if not self._deliver(a):
+                return False  # stopping
+            self._ledger.set_cursor(self.CURSOR, a["id"])
+        return bool(alerts)
+
+    def _deliver(self, alert: dict[str, Any]) -> bool:
+        """Send until accepted or dead-lettered; False only if asked to stop meanwhile."""
+        body = json.dumps(alert, ensure_ascii=False).encode()
+        delay = 0.5
+        while True:
+            too_old = time.time() - alert["created_at"] > self._max_age_s
+            if too_old or self._backlog_bytes(alert["id"], len(body)) > self._max_spool_bytes:
+                self._dead(alert, "expired" if too_old else "spool_full", None, "")
+                return True
+            status, detail = self._post(body, alert["key"])
+            if status is not None and 200 <= status < 300:
+                self._on_result("success")
+                log.info("webhook delivered alert %s", alert["id"],
+                         extra={"alert_id": alert["id"], "status": status})
+                return True
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                self._dead(alert, f"http_{status}", status, detail)
+                return True
+            self._on_result("retry")
+            log.warning("webhook: alert %s not delivered (%s); retrying in %.1f s", alert["id"],
+                        detail if status is None else f"HTTP {status}", delay,
+                        extra={"alert_id": alert["id"], "status": status})
+            if self._sleep(delay):
+                return False
+            delay = min(delay * 2, self._max_backoff_s)
+
+    def _backlog_bytes(self, alert_id: int, body_len: int) -> int:
+        """Rough size of what waits (this alert's size times the alerts not yet delivered)."""
+        if self._max_spool_bytes <= 0:
+            return 0
+        n = self._ledger.pending_alerts(alert_id - 1)
+        return n * body_len
+
+    def _post(self, body: bytes, key: str) -> tuple[int | None, str]:
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Idempotency-Key": key,
+            "User-Agent": "anomon-webhook"})
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:
+                return resp.status, ""
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read(500).decode(errors="replace")
+            except Exception:
+                detail = ""
+            return e.code, detail
+        except (urllib.error.URLError, OSError, ValueError) as e:  # refused, DNS, timeout, reset
+            reason = getattr(e, "reason", e)
+            return None, str(reason) or type(e).__name__
+
+    def _dead(self, alert: dict[str, Any], reason: str, status: int | None, detail: str) -> None:
+        append_line(self.dead_letter, {"at": iso(time.time()), "reason": reason, "status": status,
+                                       "response": detail[:500], "alert": alert})
+        self._on_result("dead_letter")
+        log.error("webhook: alert %s dead-lettered (%s), see %s", alert["id"], reason,
+                  self.dead_letter, extra={"alert_id": alert["id"], "reason": reason})
+
+
+class AnomalyStore:
+    """Copies of anomalous images and their heat-map overlays, bounded by total size.
+
+    Names start with the image's content hash, so scoring the same image again after a crash
+    overwrites the same files instead of adding new ones. When the total passes `max_bytes`, the
+    oldest files go first. The ledger keeps the verdicts regardless; these are for people.
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        root.mkdir(parents=True, exist_ok=True)
+        files = []
+        for p in root.iterdir():
+            if p.is_file():
+                st = p.stat()
+                files.append((st.st_mtime_ns, p, st.st_size))
+        files.sort()
+        # Oldest first; a dict keeps insertion order and lets a rewritten file move to the end.
+        self._files: dict[Path, int] = {p: s for _, p, s in files}
+        self._total = sum(self._files.values())
+
+    def save(self, path: str, sha256: str, data: bytes, img: Image.Image, amap: np.ndarray, *,
+             vmax: float, vmin: float = 0.0) -> tuple[str, str]:
+        from anomon.heatmap import overlay  # matplotlib: imported only once something is anomalous
+
+        stem, suffix = os.path.splitext(os.path.basename(path))
+        base = f"{sha256[:16]}-{stem}"
+        copy = self.root / f"{base}{suffix.lower()}"
+        heat = self.root / f"{base}.heatmap.png"
+        self._write(copy, data)
+        tmp = heat.with_name(heat.name + ".tmp")
+        overlay(img, amap, vmax=vmax, vmin=vmin).save(tmp, format="PNG")
+        self._add(tmp, heat)
+        self.prune()
+        return str(copy), str(heat)
+
+    def _write(self, dest: Path, data: bytes) -> None:
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        self._add(tmp, dest)
+
+    def _add(self, tmp: Path, dest: Path) -> None:
+        os.replace(tmp, dest)
+        self._total -= self._files.pop(dest, 0)
+        self._files[dest] = size = dest.stat().st_size
+        self._total += size
+
+    def prune(self) -> None:
+        while self._total > self.max_bytes and self._files:
+            p = next(iter(self._files))
+            self._total -= self._files.pop(p)
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total

@@ -1,0 +1,577 @@
+"""`anomon watch`: intake -> batched scoring -> verdict -> ledger (+ alerts, metrics, logs).
+
+Threads, and the one job each has:
+- watchdog observer: file-system events -> intake messages (never blocks);
+- intake: decides when a file is complete; start-up backlog and periodic rescans (anomon.intake);
+- scoring worker (exactly one): takes up to `batch_size` waiting images, reads each file once
+  (hash and decode the same bytes), scores them in one forward pass, and records the whole batch
+  in one ledger transaction. It is the only writer of verdicts, so "seen?" then "record" cannot race;
+- exporters: alerts.jsonl and the webhook (anomon.alerts), from the ledger's alerts table;
+- HTTP: /metrics /healthz /readyz /alerts (anomon.web);
+- main: signals, model reloads, systemd notifications, gauges.
+
+Nothing is marked done before its verdict is committed, so `kill -9` at any point loses nothing:
+the start-up rescan finds every file the ledger has not recorded. SIGTERM stops intake, lets the
+worker finish the batch in hand, and leaves the rest to the next start's rescan.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import queue
+import signal
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomon.alerts import ANOMALIES_DIR, AnomalyStore, JsonlExporter, WebhookSender
+from anomon.config import WatchConfig
+from anomon.images import ImageError, decode_image
+from anomon.intake import Candidate, Intake
+from anomon.ledger import Ledger, LedgerError, Sighting, Verdict, is_seen, ledger_path, open_readonly
+from anomon.logs import setup_logging
+from anomon.metrics import Metrics
+from anomon.web import WebServer
+
+log = logging.getLogger("anomon.service")
+
+# How stale the worker's heartbeat may be before /healthz says the loop is stuck. A batch of large
+# images on a slow CPU can take a while; a wedged worker takes forever.
+HEALTHY_BEAT_S = 120.0
+_MAYBE_INCOMPLETE = ("empty", "truncated")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; one line for the user (the CLI prints `anomon: error: ...`)."""
+
+
+# ------------------------------------------------------------------------------ systemd notify
+
+
+def sd_notify(message: str) -> bool:
+    """Send one sd_notify(3) datagram if NOTIFY_SOCKET is set; plain socket, no dependency."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):  # abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
+        return False
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (as systemd advises), or every 10 s if only notify is set."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 10.0
+
+
+# ------------------------------------------------------------------------------ reading one file
+
+
+@dataclass
+class _Scorable:
+    cand: Candidate
+    size: int
+    mtime_ns: int
+    sha256: str
+    data: bytes
+    x: np.ndarray
+    img: Any
+
+
+def _error(cand: Candidate, reason: str, message: str, st: os.stat_result | None = None,
+           sha256: str | None = None) -> Verdict:
+    return Verdict(path=cand.path, verdict="error", reason=reason, message=message,
+                   arrived_at=cand.arrived_at, scored_at=time.time(),
+                   size=st.st_size if st else None, mtime_ns=st.st_mtime_ns if st else None,
+                   sha256=sha256)
+
+
+def read_file(path: str, max_bytes: int) -> tuple[os.stat_result, bytes]:
+    """Read a whole regular file without following a final symlink and without blocking on a FIFO.
+
+    Raises ImageError (vanished, unreadable, too_large, refused). The stat is the opened file's
+    own, so it describes exactly the bytes returned.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError("vanished", f"{path}: deleted before it could be scored") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("refused", f"{path}: became a symlink; not followed") from None
+        raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("unreadable", f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise ImageError("too_large", f"{path}: {st.st_size} bytes is over the {max_bytes}-byte limit")
+        chunks, total = [], 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError as e:
+                raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageError("too_large", f"{path}: over the {max_bytes}-byte limit")
+        return st, b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+class Service:
+    def __init__(self, cfg: WatchConfig) -> None:
+        self.cfg = cfg
+        self.state = Path(cfg.state).absolute()
+        self.ledger_file = ledger_path(self.state)
+        self.detector: Any = None
+        self.ledger: Ledger | None = None
+        self.metrics: Metrics | None = None
+        self.intake: Intake | None = None
+        self.web: WebServer | None = None
+        self.queue: queue.Queue[Candidate] = queue.Queue(maxsize=cfg.queue_size)
+        self.exporters: list[Any] = []
+        self.anomalies: AnomalyStore | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._worker_stop = threading.Event()
+        self._worker_beat = time.monotonic()
+        self._worker_error: str | None = None
+        self._lock_fd: int | None = None
+        self._model_stat: tuple[int, int, int] | None = None
+        self._ready_sent = False
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Everything up to "watching"; raises StartupError with one line on any user problem."""
+        cfg = self.cfg
+        for d in cfg.watch:
+            if not Path(d).is_dir():
+                raise StartupError(f"watch folder not found (or not a folder): {d}")
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot create state folder {self.state}: {e.strerror or e}") from None
+        self._lock_state()
+        try:
+            self.ledger = Ledger.open(self.ledger_file)
+        except LedgerError as e:
+            raise StartupError(str(e)) from None
+
+        from anomon.detector import BundleError, Detector  # torch: imported after cheap checks
+
+        try:
+            self.detector = Detector.load(cfg.model, device=cfg.device)
+        except BundleError as e:
+            raise StartupError(str(e)) from None
+        self._model_stat = self._stat_model()
+        det = self.detector
+        self.metrics = m = Metrics(det.threshold_)
+        m.set_model(det.model_id, det.image_size, det.channels, det.threshold_)
+        log.info("model %s loaded from %s (threshold %.5g, %dx%d, %d channel(s))", det.model_id,
+                 cfg.model, det.threshold_, det.image_size, det.image_size, det.channels,
+                 extra={"model_id": det.model_id})
+        if cfg.anomalies_dir:
+            self.anomalies = AnomalyStore(self.state / ANOMALIES_DIR, cfg.anomalies_max_bytes)
+            import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
+
+        try:
+            self.web = WebServer(cfg.host, cfg.port, registry=m.registry, ready=self.ready_checks,
+                                 healthy=self.healthy, ledger_file=self.ledger_file)
+        except OSError as e:
+            raise StartupError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
+        self.web.start()
+        log.info("serving /metrics /healthz /readyz /alerts on http://%s:%d", cfg.host, self.web.port)
+
+        self._worker = threading.Thread(target=self._work, name="anomon-scorer", daemon=True)
+        self._worker.start()
+
+        self.intake = Intake(
+            [str(p) for p in cfg.watch], self.queue, is_seen=self._seen_checker(),
+            ignore_patterns=cfg.ignore_patterns, exclude=[self.state], polling=cfg.polling,
+            poll_interval_s=cfg.poll_interval_s, stable_s=cfg.stable_s,
+            incomplete_grace_s=cfg.incomplete_grace_s, reconcile_interval_s=cfg.reconcile_interval_s,
+            on_rescan=lambda why: m.rescans.inc(), on_polling=lambda on: m.polling.set(int(on)))
+        try:
+            self.intake.start()
+        except OSError as e:
+            raise StartupError(f"cannot watch {e.filename or 'the folders'}: {e.strerror or e}") from None
+        # Evaluated at scrape time, so they never lag behind /readyz or the queue.
+        m.ready.set_function(lambda: float(self.is_ready()))
+        m.queue_depth.set_function(self.intake.backlog)
+
+        self.exporters.append(JsonlExporter(self.ledger.reopen(), self.state))
+        if cfg.webhook_url:
+            self.exporters.append(WebhookSender(
+                self.ledger.reopen(), self.state, cfg.webhook_url, timeout_s=cfg.webhook_timeout_s,
+                max_backoff_s=cfg.webhook_max_backoff_s, max_age_s=cfg.webhook_max_age_s,
+                max_spool_bytes=cfg.webhook_max_spool_bytes,
+                on_result=lambda r: m.webhook_deliveries.labels(result=r).inc()))
+        for e in self.exporters:
+            e.start()
+
+    def _lock_state(self) -> None:
+        """One daemon per state folder: two would both score and alert every image."""
+        path = self.state / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(f"state folder {self.state} is in use by another anomon watch "
+                               f"(pid {other})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _seen_checker(self):
+        """`is_seen` for the intake thread, on that thread's own read-only connection."""
+        local = threading.local()
+
+        def check(path: str, size: int, mtime_ns: int) -> bool:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = open_readonly(self.ledger_file)
+            return is_seen(conn, path, size, mtime_ns)
+
+        return check
+
+    # -- health ------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """The loops are alive (a failing ledger write shows in /readyz, not here: restarting
+        the process would not free a full disk)."""
+        worker_ok = (self._worker is not None and self._worker.is_alive()
+                     and time.monotonic() - self._worker_beat < HEALTHY_BEAT_S)
+        intake_ok = self.intake is None or self.intake.alive or self._stop.is_set()
+        return worker_ok and intake_ok
+
+    def ready_checks(self) -> dict[str, bool]:
+        i = self.intake
+        return {
+            "model_loaded": self.detector is not None,
+            "ledger_open": self.ledger is not None and self._worker_error is None,
+            "watcher_running": i is not None and i.watching,
+            "startup_rescan_done": i is not None and i.startup_scan_done.is_set(),
+            "scorer_running": self._worker is not None and self._worker.is_alive(),
+            "not_stopping": not self._stop.is_set(),
+        }
+
+    def is_ready(self) -> bool:
+        return all(self.ready_checks().values())
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        assert self.metrics is not None and self.intake is not None
+        ping_every = _watchdog_interval()
+        next_ping = 0.0
+        while not self._stop.wait(0.25):
+            if not self._ready_sent and self.is_ready():
+                self._ready_sent = True
+                log.info("ready: start-up rescan done, %d image(s) waiting", self.intake.backlog())
+                sd_notify("READY=1\nSTATUS=watching")
+            if ping_every is not None and time.monotonic() >= next_ping and self.healthy():
+                sd_notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping_every
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload_model("SIGHUP")
+            elif self._model_changed():
+                self.reload_model("model file changed")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def shutdown(self) -> None:
+        """Stop intake, let the worker finish the batch in hand, stop the exporters and HTTP; all
+        within stop_timeout_s. Images still queued are not lost: the next start's rescan has them."""
+        deadline = time.monotonic() + self.cfg.stop_timeout_s - 0.5
+        self._stop.set()
+        sd_notify("STOPPING=1")
+        left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
+        if self.intake is not None:
+            self.intake.stop(timeout=min(2.0, left()))
+        self._worker_stop.set()
+        if self._worker is not None:
+            self._worker.join(left())
+            if self._worker.is_alive():
+                log.error("scorer did not finish its batch in time; exiting anyway (its images "
+                          "are not recorded and will be scored after the restart)")
+        for e in self.exporters:
+            e.stop(timeout=min(2.0, left()))
+        if self.web is not None:
+            self.web.stop()
+        log.info("stopped; %d image(s) left waiting are scored at the next start", self.queue.qsize())
+
+    # -- model reloads -----------------------------------------------------------------------
+
+    def _stat_model(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.cfg.model)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _model_changed(self) -> bool:
+        """The file changed and then stayed the same for a moment (a writer may be mid-copy)."""
+        now = self._stat_model()
+        if now is None or now == self._model_stat:
+            return False
+        time.sleep(0.3)
+        if self._stat_model() != now:
+            return False
+        return True
+
+    def reload_model(self, why: str) -> bool:
+        """Load the new model beside the old one and switch atomically; keep the old on failure."""
+        from anomon.detector import BundleError, Detector
+
+        assert self.metrics is not None
+        self._model_stat = self._stat_model()
+        old = self.detector
+        try:
+            new = Detector.load(self.cfg.model, device=self.cfg.device)
+        except BundleError as e:
+            self.metrics.model_reloads.labels(result="failure").inc()
+            log.error("model reload (%s) refused, still serving %s: %s", why, old.model_id, e,
+                      extra={"model_id": old.model_id, "reload": "failure"})
+            return False
+        self.detector = new  # one reference swap; the worker takes it at its next batch
+        self.metrics.set_model(new.model_id, new.image_size, new.channels, new.threshold_)
+        self.metrics.model_reloads.labels(result="success").inc()
+        base = self.metrics.bucket_threshold
+        if base > 0 and not 0.5 <= new.threshold_ / base <= 2.0:
+            log.warning("new threshold %.5g is far from %.5g, which the anomon_anomaly_score buckets "
+                        "were placed around; restart to re-place them", new.threshold_, base)
+        log.info("model reloaded (%s): %s -> %s (threshold %.5g)", why, old.model_id, new.model_id,
+                 new.threshold_, extra={"model_id": new.model_id, "previous_model_id": old.model_id,
+                                        "reload": "success"})
+        return True
+
+    # -- the scoring worker ------------------------------------------------------------------
+
+    def _work(self) -> None:
+        writer = self.ledger.reopen()  # type: ignore[union-attr]  # this thread's own connection
+        try:
+            while not self._worker_stop.is_set():
+                self._worker_beat = time.monotonic()
+                try:
+                    batch = [self.queue.get(timeout=0.2)]
+                except queue.Empty:
+                    continue
+                while len(batch) < self.cfg.batch_size:
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                try:
+                    self._score_batch(writer, batch)
+                    self._worker_error = None
+                except Exception as e:  # e.g. disk full: nothing recorded, the rescan retries
+                    self._worker_error = f"{type(e).__name__}: {e}"
+                    log.exception("could not score or record a batch of %d; they are retried at the "
+                                  "next rescan", len(batch))
+                    self._worker_stop.wait(1.0)
+                finally:
+                    for c in batch:
+                        self.intake.done(c.path)  # type: ignore[union-attr]
+        finally:
+            writer.close()
+
+    def _score_batch(self, led: Ledger, batch: list[Candidate]) -> None:
+        det = self.detector  # one model for the whole batch, even if a reload lands meanwhile
+        m = self.metrics
+        assert m is not None
+        t0 = time.perf_counter()
+        verdicts: list[Verdict] = []
+        sightings: list[Sighting] = []
+        scorable: list[_Scorable] = []
+        in_batch: dict[tuple[str, str], Verdict] = {}
+        for cand in batch:
+            got = self._read(led, cand)
+            if got is None:
+                continue
+            if isinstance(got, Verdict):
+                verdicts.append(got)
+                continue
+            st, data = got
+            sha = hashlib.sha256(data).hexdigest()
+            # Identity first, decoding second: same path + same bytes is a duplicate whatever
+            # the bytes are (a corrupt file copied in twice is one error, not two).
+            earlier = in_batch.get((cand.path, sha))
+            existing = None if earlier is not None else led.find(cand.path, sha)
+            if earlier is not None or existing is not None:
+                if earlier is not None and (earlier.size, earlier.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    continue  # the same file queued twice: not a duplicate, just once
+                sightings.append(Sighting(cand.path, st.st_size, st.st_mtime_ns, existing, of=earlier))
+                continue
+            item = self._decode(det, cand, st, sha, data)
+            if item is None:
+                continue
+            if isinstance(item, Verdict):
+                v = item
+            else:
+                v = Verdict(path=cand.path, verdict="normal", arrived_at=cand.arrived_at, scored_at=0.0,
+                            size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha,
+                            model_id=det.model_id, threshold=det.threshold_)
+                scorable.append(item)
+            in_batch[(cand.path, sha)] = v
+            verdicts.append(v)
+
+        if scorable:
+            X = np.stack([s.x for s in scorable])
+            scores, maps = det.score_with_maps(X)
+            pvals = det.p_values(scores)
+            now = time.time()
+            for s, score, amap, p in zip(scorable, scores, maps, pvals):
+                v = in_batch[(s.cand.path, s.sha256)]
+                v.score, v.p_value, v.scored_at = float(score), float(p), now
+                if float(score) > det.threshold_:
+                    v.verdict = "anomalous"
+                    if self.anomalies is not None:
+                        try:
+                            v.anomaly_image, v.heatmap = self.anomalies.save(
+                                s.cand.path, s.sha256, s.data, s.img, amap, vmax=det.heat_vmax,
+                                vmin=det.heat_vmin)
+                        except Exception as e:  # a full disk must not cost the verdict
+                            log.error("could not keep a copy of %s: %s", s.cand.path, e)
+        elapsed = time.perf_counter() - t0
+        if not verdicts and not sightings:
+            return
+        led.record(verdicts, sightings)  # THE checkpoint: after scoring, one transaction
+
+        per_image = elapsed / max(1, len(scorable))
+        cand_of = {(s.cand.path, s.sha256): s.cand for s in scorable}
+        alerts = 0
+        for v in verdicts:
+            if v.verdict == "error":
+                m.image_errors.labels(reason=v.reason).inc()
+                log.warning("not scored: %s [%s]", v.message, v.reason,
+                            extra={"path": v.path, "reason": v.reason, "image_id": v.image_id})
+                continue
+            m.images_scored.labels(verdict=v.verdict).inc()
+            m.anomaly_score.observe(v.score if v.score is not None else float("inf"))
+            m.scoring_duration.observe(per_image)
+            cand = cand_of[(v.path, v.sha256)]  # type: ignore[index]
+            m.intake_latency.observe(max(0.0, v.scored_at - cand.completed_at))
+            m.last_scored.set(v.scored_at)
+            if v.alert_id is not None:
+                alerts += 1
+                m.alerts.inc()
+            log.info("%s %s score=%.5g", v.verdict, v.path, v.score or 0.0, extra={
+                "path": v.path, "score": v.score, "p_value": v.p_value, "verdict": v.verdict,
+                "model_id": v.model_id, "image_id": v.image_id, "alert_id": v.alert_id})
+        for dup in sightings:
+            m.duplicates.inc()
+            log.info("duplicate (same path, same bytes as image %s): %s", dup.image_id, dup.path,
+                     extra={"path": dup.path, "duplicate_of": dup.image_id})
+        if alerts:
+            for e in self.exporters:
+                e.notify()
+
+    def _read(self, led: Ledger, cand: Candidate) -> tuple[os.stat_result, bytes] | Verdict | None:
+        """The file's stat and bytes; an error row; or None if the ledger already covers this
+        exact file state (queued twice, or found again by a rescan)."""
+        if cand.refused is None:
+            try:
+                st, data = read_file(cand.path, self.cfg.max_bytes)
+            except ImageError as e:
+                reason, message = e.reason, str(e)
+            else:
+                return None if led.is_seen(cand.path, st.st_size, st.st_mtime_ns) else (st, data)
+        else:
+            reason, message = "refused", cand.refused  # never opened
+        try:
+            lst: os.stat_result | None = os.lstat(cand.path)
+        except OSError:
+            lst = None
+        if lst is not None and led.is_seen(cand.path, lst.st_size, lst.st_mtime_ns):
+            return None
+        return _error(cand, reason, message, lst)
+
+    def _decode(self, det: Any, cand: Candidate, st: os.stat_result, sha: str,
+                data: bytes) -> _Scorable | Verdict | None:
+        """The model's input; an error row; or None when the file looks unfinished (handed back
+        to intake, which judges it as it is only if it stays unchanged for the grace period)."""
+        try:
+            img = decode_image(data, name=cand.path, max_pixels=self.cfg.max_pixels)
+            x = det.preprocess(img)
+        except ImageError as e:
+            if e.reason in _MAYBE_INCOMPLETE and not cand.final:
+                self.intake.defer(cand, st.st_size, st.st_mtime_ns)  # type: ignore[union-attr]
+                log.debug("looks unfinished, waiting for the writer: %s", cand.path)
+                return None
+            return _error(cand, e.reason, str(e), st, sha)
+        except Exception as e:  # decodes, but will not convert (odd mode, broken metadata...):
+            # one bad file must never fail the batch it is in, again at every rescan
+            return _error(cand, "corrupt", f"{cand.path}: cannot convert ({type(e).__name__}: {e})",
+                          st, sha)
+        return _Scorable(cand, st.st_size, st.st_mtime_ns, sha, data, x, img)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def run(cfg: WatchConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    setup_logging(cfg.log_format, cfg.log_level)
+    svc = Service(cfg)
+
+    def on_stop(signum: int, frame: Any) -> None:
+        if svc._stop.is_set():  # a second signal: the user insists
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        svc.request_stop()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda s, f: svc.request_reload())
+    t_start = time.monotonic()
+    try:
+        svc.start()
+        log.info("started in %.1f s", time.monotonic() - t_start)
+        svc.run_forever()
+    except StartupError:
+        svc.shutdown()
+        raise
+    svc.shutdown()
+    return 0
+

@@ -1,0 +1,306 @@
+"""Shared fixtures: tiny synthetic images, a tiny trained bundle, and the real daemon as a subprocess.
+
+The daemon helper starts `anomon watch` exactly as a user would (its own process, a free port, a
+TOML config), waits for /readyz, and stops it with SIGTERM at the end, so the e2e tests exercise
+the real signal handling, HTTP server and start-up path, never a mock.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ANOMON = [sys.executable, "-m", "anomon.cli"]
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def normal_array(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A smooth horizontal gradient with a little noise: what the tiny model learns as normal."""
+    x = np.linspace(60, 190, size, dtype=np.float32)
+    img = np.tile(x, (size, 1)) + rng.normal(0, 4, (size, size))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def anomalous_array(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A normal image with a large saturated square: far outside what training saw."""
+    img = normal_array(rng, size)
+    s = size // 3
+    img[s : 2 * s, s : 2 * s] = 255 if rng.random() < 0.5 else 0
+    img[s + 2 : 2 * s - 2, s + 2 : 2 * s - 2] = 0 if img[s, s] == 255 else 255
+    return img
+
+
+def png_bytes(arr: np.ndarray, tag: str | None = None) -> bytes:
+    """PNG bytes; a `tag` (a text chunk) gives the same pixels different bytes."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if tag is not None:
+        info = PngInfo()
+        info.add_text("anomon-test", tag)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_png(path: Path, arr: np.ndarray | None = None, *, seed: int = 0, tag: str | None = None) -> Path:
+    """Write a PNG in one go (write + close): the common camera case."""
+    if arr is None:
+        arr = normal_array(np.random.default_rng(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(arr, tag))
+    return path
+
+
+@pytest.fixture
+def png_writer():
+    """`png_writer(path, seed=0, anomalous=False)` -> Path; distinct seeds give distinct bytes."""
+
+    def _write(path: Path | str, *, seed: int = 0, anomalous: bool = False) -> Path:
+        rng = np.random.default_rng(seed)
+        arr = anomalous_array(rng) if anomalous else normal_array(rng)
+        return write_png(Path(path), arr)
+
+    return _write
+
+
+# -- a tiny trained model --------------------------------------------------------------------------
+
+
+def _train_bundle(out: Path, data: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(40):
+        write_png(data / f"n{i:03d}.png", normal_array(rng))
+    cmd = ANOMON + ["train", str(data), "-o", str(out), "--epochs", "2", "--image-size", "32",
+                    "--channels", "1", "--seed", str(seed), "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, f"anomon train failed:\n{r.stdout}\n{r.stderr}"
+    assert out.is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained through the CLI on 40 synthetic 32x32 images (2 epochs, seconds on CPU)."""
+    d = tmp_path_factory.mktemp("bundle")
+    return _train_bundle(d / "tiny.anomon", d / "data", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_b(tiny_bundle: Path) -> Path:
+    """A second model for reload tests: the tiny bundle recalibrated to another threshold (a new
+    model_id), made in-process in well under a second instead of another training run."""
+    import numpy as np
+
+    from anomon.detector import Detector
+
+    det = Detector.load(tiny_bundle, device="cpu")
+    scores = np.asarray(det.calibration_scores_, dtype=np.float64) * 1.5 + 1.0
+    det.calibrate(scores)
+    out = tiny_bundle.with_name("tiny_b.anomon")
+    det.save(out)
+    return out
+
+
+@dataclass
+class TinyModel:
+    """The tiny bundle plus images it is sure about.
+
+    A 2-epoch model with 4 held-out images has a noisy threshold, so a fresh random "normal" image
+    can land above it. Normal test images therefore reuse the pixels of training images that scored
+    well below the threshold (a text chunk makes each file's bytes unique); anomalous ones carry a
+    big saturated square, thousands of times the threshold.
+    """
+
+    path: Path
+    threshold: float
+    normals: list[np.ndarray]
+
+    def normal_png(self, path: Path, i: int) -> Path:
+        return write_png(path, self.normals[i % len(self.normals)], tag=f"normal-{i}")
+
+    def anomalous_png(self, path: Path, i: int) -> Path:
+        return write_png(path, anomalous_array(np.random.default_rng(10_000 + i)), tag=f"anomalous-{i}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bundle: Path) -> TinyModel:
+    from anomon.detector import Detector
+    from anomon.images import load_arrays
+
+    det = Detector.load(tiny_bundle, device="cpu")
+    files = sorted((tiny_bundle.parent / "data").glob("*.png"))
+    X, ok, _ = load_arrays(files, image_size=det.image_size, channels=det.channels)
+    scores = det.score_samples(X)
+    margin = 0.25 * (det.threshold_ - float(scores.min()))
+    safe = [np.asarray(Image.open(p)) for p, s in zip(ok, scores) if s < det.threshold_ - margin]
+    assert len(safe) >= 10, f"only {len(safe)} clearly normal training images"
+    return TinyModel(tiny_bundle, det.threshold_, safe)
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string is JSON-compatible for our paths
+
+
+class Daemon:
+    """One `anomon watch` subprocess; stderr (JSON log lines) goes to a file for post-mortems."""
+
+    def __init__(self, workdir: Path, model: Path, **cfg: Any) -> None:
+        self.workdir = workdir
+        self.watch = workdir / "in"
+        self.state = workdir / "state"
+        self.watch.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.cfg: dict[str, Any] = {
+            "model": str(model), "watch": [str(self.watch)], "state": str(self.state),
+            "listen": f"127.0.0.1:{self.port}", "stable_s": 0.3, "reconcile_interval_s": 30.0,
+            "incomplete_grace_s": 4.0, "log_format": "json", "device": "cpu",
+        }
+        self.cfg.update(cfg)
+        self.config = workdir / "anomon.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "daemon.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def write_config(self) -> None:
+        self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in self.cfg.items()))
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 60.0, env: dict[str, str] | None = None,
+              extra_args: list[str] | None = None) -> Daemon:
+        self.write_config()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        full_env.update(env or {})
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ANOMON + ["watch", "--config", str(self.config)] + (extra_args or []),
+            stdout=self._log, stderr=self._log, cwd=REPO, env=full_env)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.get("/readyz", timeout=1.0).status_code == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log_tail()}")
+
+    def get(self, path: str, timeout: float = 5.0):
+        import requests
+
+        return requests.get(self.url + path, timeout=timeout)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{labels}': value}, parsed by prometheus_client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(self.get("/metrics").text):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def metric(self, key: str) -> float:
+        return self.metrics().get(key, float("nan"))
+
+    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited waiting for {what}:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_tail()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code (kills after `timeout`)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit within {timeout} s:\n{self.log_tail()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"msg": line})
+        return out
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    """`daemon_factory(model, name="d", **config)` -> an unstarted Daemon; all are stopped at the end."""
+    made: list[Daemon] = []
+
+    def _make(model: Path, name: str = "d", **cfg: Any) -> Daemon:
+        d = Daemon(tmp_path / name, model, **cfg)
+        made.append(d)
+        return d
+
+    yield _make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

@@ -1,0 +1,101 @@
+"""The metric catalogue: fixed names, help text, children at zero, no path labels, and every
+anomon_* name that deploy/ (alert rules, dashboards) refers to actually exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from anomon.images import REASONS
+from anomon.metrics import SCORE_BUCKET_FACTORS, Metrics, score_buckets
+
+REPO = Path(__file__).resolve().parents[1]
+
+REQUIRED = {
+    "anomon_images_scored_total": "counter", "anomon_image_errors_total": "counter",
+    "anomon_anomaly_score": "histogram", "anomon_score_threshold": "gauge",
+    "anomon_scoring_duration_seconds": "histogram", "anomon_intake_latency_seconds": "histogram",
+    "anomon_queue_depth": "gauge", "anomon_last_scored_timestamp_seconds": "gauge",
+    "anomon_model_info": "gauge", "anomon_model_reloads_total": "counter",
+    "anomon_build_info": "gauge", "anomon_alerts_total": "counter",
+    "anomon_duplicates_total": "counter", "anomon_webhook_deliveries_total": "counter",
+    "anomon_ready": "gauge", "anomon_rescans_total": "counter",
+}
+
+
+def _samples(m: Metrics) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_every_required_metric_is_declared_with_type_and_help() -> None:
+    m = Metrics(0.5)
+    m.set_model("abc123", 32, 1, 0.5)
+    text = generate_latest(m.registry).decode()
+    for name, kind in REQUIRED.items():
+        assert f"# TYPE {name} {kind}\n" in text, name
+        help_line = next(x for x in text.splitlines() if x.startswith(f"# HELP {name} "))
+        assert len(help_line) > len(f"# HELP {name} ") + 10, f"{name} has no real help text"
+    assert "process_resident_memory_bytes" in text and "python_gc_objects_collected_total" in text
+
+
+def test_labelled_children_exist_at_zero_from_the_start() -> None:
+    s = _samples(Metrics(1.0))
+    for v in ("normal", "anomalous"):
+        assert s[f'anomon_images_scored_total{{verdict="{v}"}}'] == 0
+    for r in REASONS:
+        assert s[f'anomon_image_errors_total{{reason="{r}"}}'] == 0
+    for r in ("success", "failure"):
+        assert s[f'anomon_model_reloads_total{{result="{r}"}}'] == 0
+    for r in ("success", "retry", "dead_letter"):
+        assert s[f'anomon_webhook_deliveries_total{{result="{r}"}}'] == 0
+    assert not any(k == "up" or k.startswith("up{") for k in s)
+    assert not any(k.endswith("_created") for k in s)
+
+
+def test_model_info_shows_only_the_current_model() -> None:
+    m = Metrics(1.0)
+    m.set_model("aaa", 32, 1, 1.0)
+    m.set_model("bbb", 64, 3, 2.0)
+    s = _samples(m)
+    info = [k for k in s if k.startswith("anomon_model_info")]
+    assert info == ['anomon_model_info{channels="3",image_size="64",model_id="bbb"}']
+    assert s["anomon_score_threshold"] == 2.0
+    assert any(k.startswith("anomon_build_info{version=") for k in s)
+
+
+def test_score_buckets_sit_around_the_threshold() -> None:
+    b = score_buckets(0.02)
+    assert len(b) == len(SCORE_BUCKET_FACTORS) and 0.02 in b and b == tuple(sorted(b))
+    assert min(b) == pytest.approx(0.005) and max(b) == pytest.approx(0.08)
+    assert score_buckets(float("nan")) == score_buckets(1.0)  # no crash on a strange model
+    m = Metrics(0.02)
+    m.anomaly_score.observe(0.019)
+    m.anomaly_score.observe(0.5)
+    s = _samples(m)
+    assert s['anomon_anomaly_score_bucket{le="0.02"}'] == 1 and s['anomon_anomaly_score_bucket{le="+Inf"}'] == 2
+
+
+def test_separate_instances_do_not_collide() -> None:
+    Metrics(1.0)
+    Metrics(1.0, registry=CollectorRegistry())  # no "Duplicated timeseries"
+
+
+def test_deploy_files_only_use_metrics_that_exist() -> None:
+    m = Metrics(1.0)
+    m.set_model("x", 32, 1, 1.0)
+    exposed = {k.split("{")[0] for k in _samples(m)}
+    used = set()
+    for f in (REPO / "deploy").rglob("*"):
+        if f.is_file() and f.suffix in (".yml", ".yaml", ".json"):
+            used |= set(re.findall(r"\b(anomon_[a-z_]+)", f.read_text(errors="replace")))
+    missing = {u for u in used if u not in exposed}
+    assert not missing, f"deploy/ refers to metrics the daemon does not export: {sorted(missing)}"

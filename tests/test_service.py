@@ -1,0 +1,548 @@
+"""End-to-end: the real `anomon watch` daemon as a subprocess, real files, real HTTP.
+
+Each test asserts on what an operator would see: the ledger (one row per image), /metrics (read
+with prometheus_client's parser), /alerts, alerts.jsonl, the exit status, and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from anomon.ledger import alert_key, ledger_id_of, open_readonly
+from conftest import ANOMON, REPO, Daemon, TinyModel, free_port, png_bytes, normal_array
+
+pytestmark = pytest.mark.e2e
+
+SCORED_N = 'anomon_images_scored_total{verdict="normal"}'
+SCORED_A = 'anomon_images_scored_total{verdict="anomalous"}'
+
+
+def err(reason: str) -> str:
+    return f'anomon_image_errors_total{{reason="{reason}"}}'
+
+
+def rows(d: Daemon, under: Path | None = None) -> list[dict[str, Any]]:
+    conn = open_readonly(d.state / "ledger.sqlite3")
+    try:
+        q = "SELECT * FROM images"
+        args: tuple[Any, ...] = ()
+        if under is not None:
+            q += " WHERE path LIKE ?"
+            args = (f"{os.path.realpath(under)}/%",)
+        return [dict(r) for r in conn.execute(q + " ORDER BY id", args)]
+    finally:
+        conn.close()
+
+
+def alert_rows(d: Daemon) -> list[dict[str, Any]]:
+    conn = open_readonly(d.state / "ledger.sqlite3")
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM alerts ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def wait_rows(d: Daemon, under: Path, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    d.wait_for(lambda: len(rows(d, under)) >= n, timeout, f"{n} ledger rows under {under}")
+    return rows(d, under)
+
+
+def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def wait_deltas(d: Daemon, before: dict[str, float], want: dict[str, float], timeout: float = 10.0) -> dict[str, float]:
+    """Counters move just after the ledger commit: wait until they all show `want`."""
+    seen: dict[str, float] = {}
+
+    def ok() -> bool:
+        after = d.metrics()
+        seen.update({k: delta(before, after, k) for k in want})
+        return all(seen[k] == v for k, v in want.items())
+
+    try:
+        d.wait_for(ok, timeout, "metrics")
+    except AssertionError:
+        raise AssertionError(f"metric deltas {seen} != {want}") from None
+    return d.metrics()
+
+
+# -- one daemon shared by the tests that only add files ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory):
+    d = Daemon(tmp_path_factory.mktemp("shared"), tiny_model.path, max_pixels=1600)
+    d.start()
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.log_tail()
+
+
+def test_normal_and_anomalous_images_are_counted_and_alerted(shared: Daemon, tiny_model: TinyModel) -> None:
+    d, sub = shared, shared.watch / "mixed"
+    before = d.metrics()
+    for i in range(6):
+        tiny_model.normal_png(sub / f"n{i}.png", i)
+    for i in range(3):
+        tiny_model.anomalous_png(sub / f"a{i}.png", i)
+    got = wait_rows(d, sub, 9)
+    verdicts = {Path(r["path"]).name: r["verdict"] for r in got}
+    assert verdicts == {**{f"n{i}.png": "normal" for i in range(6)},
+                        **{f"a{i}.png": "anomalous" for i in range(3)}}
+    assert all(r["model_id"] and r["sha256"] and r["p_value"] is not None for r in got)
+    after = wait_deltas(d, before, {"anomon_alerts_total": 3, SCORED_N: 6, SCORED_A: 3,
+                                    "anomon_anomaly_score_count": 9, "anomon_intake_latency_seconds_count": 9})
+    assert after["anomon_ready"] == 1 and after["anomon_last_scored_timestamp_seconds"] > time.time() - 60
+    assert after["anomon_score_threshold"] == pytest.approx(tiny_model.threshold)
+
+    # /alerts and alerts.jsonl both carry the three anomalous images, with copies and heat maps
+    alerts = [a for a in d.get("/alerts?since=0").json()["alerts"] if "/mixed/" in a["path"]]
+    assert sorted(Path(a["path"]).name for a in alerts) == ["a0.png", "a1.png", "a2.png"]
+    for a in alerts:
+        assert Path(a["anomaly_image"]).read_bytes() == Path(a["path"]).read_bytes()
+        assert Path(a["heatmap"]).stat().st_size > 0
+    last = alerts[-1]["id"]
+    assert all(a["id"] > last for a in d.get(f"/alerts?since={last}").json()["alerts"])
+    d.wait_for(lambda: {a["key"] for a in alerts} <= {
+        json.loads(line)["key"] for line in (d.state / "alerts.jsonl").read_text().splitlines()},
+        10, "alerts.jsonl")
+    assert d.get("/alerts?since=abc").status_code == 400
+
+
+def test_metrics_exposition_follows_the_conventions(shared: Daemon) -> None:
+    text = shared.get("/metrics").text
+    m = shared.metrics()
+    for reason in ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable",
+                   "vanished", "refused"):
+        assert err(reason) in m  # every child exists from the start
+    for name in ("anomon_queue_depth", "anomon_rescans_total", "anomon_duplicates_total",
+                 'anomon_webhook_deliveries_total{result="dead_letter"}',
+                 'anomon_model_reloads_total{result="failure"}', "anomon_intake_latency_seconds_count",
+                 "anomon_scoring_duration_seconds_count", "process_resident_memory_bytes"):
+        assert name in m, name
+    (model_id,) = {r["model_id"] for r in rows(shared) if r["model_id"]} or {"?"}
+    assert [k for k in m if k.startswith("anomon_model_info")] == [
+        f'anomon_model_info{{channels="1",image_size="32",model_id="{model_id}"}}']
+    assert any(k.startswith("anomon_build_info{version=") for k in m)
+    assert not any(k == "up" or k.startswith("up{") for k in m)
+    assert "/" not in "".join(line.split("}")[0] for line in text.splitlines()
+                              if line.startswith("anomon_") and "{" in line)  # no path labels
+    assert m["anomon_rescans_total"] >= 1
+    assert shared.get("/healthz").status_code == 200
+
+
+def test_bad_inputs_are_counted_by_reason_and_the_daemon_stays_ready(
+        shared: Daemon, tiny_model: TinyModel, tmp_path: Path) -> None:
+    d, sub = shared, shared.watch / "bad"
+    sub.mkdir()
+    before = d.metrics()
+    good = png_bytes(normal_array(__import__("numpy").random.default_rng(3)))
+    (sub / "empty.png").write_bytes(b"")
+    (sub / "truncated.png").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)
+    i = corrupt.index(b"IDAT") + 8
+    corrupt[i : i + 50] = bytes(b ^ 0x5A for b in corrupt[i : i + 50])
+    (sub / "corrupt.png").write_bytes(bytes(corrupt))
+    (sub / "notimage.png").write_text("hello, I am text")
+    (sub / "large.png").write_bytes(png_bytes(normal_array(__import__("numpy").random.default_rng(4), 64)))
+    os.mkfifo(sub / "fifo.png")  # open() of a FIFO fails to give data even for root: unreadable
+    outside = tiny_model.normal_png(tmp_path / "outside.png", 1)
+    os.symlink(outside, sub / "escape.png")
+    inside = tiny_model.normal_png(sub / "inside.png", 2)
+    os.symlink(inside, sub / "alias.png")
+    n_vanish = 20
+    for k in range(n_vanish):
+        p = sub / f"gone{k}.png"
+        p.write_bytes(good)
+        p.unlink()
+
+    expected = {"empty": 1, "truncated": 1, "corrupt": 1, "not_image": 1, "too_large": 1,
+                "unreadable": 1, "refused": 1}
+    got = wait_rows(d, sub, 8 + n_vanish, timeout=30)  # 7 errors + inside.png + the vanished
+    by_name = {Path(r["path"]).name: r for r in got}
+    for name, reason in [("empty.png", "empty"), ("truncated.png", "truncated"),
+                         ("corrupt.png", "corrupt"), ("notimage.png", "not_image"),
+                         ("large.png", "too_large"), ("fifo.png", "unreadable"),
+                         ("escape.png", "refused")]:
+        assert by_name[name]["verdict"] == "error" and by_name[name]["reason"] == reason, by_name[name]
+    assert by_name["escape.png"]["sha256"] is None  # refused: never read
+    assert by_name["inside.png"]["verdict"] == "normal" and "alias.png" not in by_name
+    gone = [r for r in got if Path(r["path"]).name.startswith("gone")]
+    assert len(gone) == n_vanish == len({r["path"] for r in gone})  # each exactly once
+    n_vanished = sum(r["reason"] == "vanished" for r in gone)
+    assert n_vanished >= n_vanish // 2  # the rest were read before the delete, which is fine
+    wait_deltas(d, before, {**{err(r): n for r, n in expected.items()}, err("vanished"): n_vanished})
+    assert d.get("/readyz").status_code == 200 and d.get("/healthz").status_code == 200
+    # ...and it still scores
+    tiny_model.normal_png(sub / "after.png", 5)
+    assert wait_rows(d, sub, 9 + n_vanish)[-1]["verdict"] == "normal"
+    assert len(rows(d, sub)) == 9 + n_vanish  # nothing counted twice by a later look
+
+
+def test_replacing_a_file_new_bytes_new_verdict_same_bytes_duplicate(shared: Daemon, tiny_model: TinyModel) -> None:
+    d, sub = shared, shared.watch / "replace"
+    before = d.metrics()
+    p = tiny_model.anomalous_png(sub / "part.png", 0)
+    wait_rows(d, sub, 1)
+    first = p.read_bytes()
+    tiny_model.anomalous_png(p, 1)  # same name, new bytes: a new image
+    second = p.read_bytes()
+    assert first != second
+    got = wait_rows(d, sub, 2)
+    assert [r["verdict"] for r in got] == ["anomalous", "anomalous"]
+    time.sleep(0.05)
+    p.write_bytes(second)  # same name, same bytes (new mtime): a duplicate
+    wait_deltas(d, before, {"anomon_duplicates_total": 1, "anomon_alerts_total": 2})  # no 2nd alert
+    time.sleep(0.5)
+    assert len(rows(d, sub)) == 2
+    assert delta(before, d.metrics(), "anomon_duplicates_total") == 1
+
+
+def test_half_written_files_are_scored_once_after_completion(shared: Daemon, tiny_model: TinyModel) -> None:
+    d, sub = shared, shared.watch / "slow"
+    sub.mkdir()
+    before = d.metrics()
+    data = png_bytes(tiny_model.normals[0], "slow")
+    half = len(data) // 2
+
+    def open_writer() -> None:  # keeps the file open through the pause
+        with open(sub / "open.png", "wb") as f:
+            f.write(data[:half])
+            f.flush()
+            time.sleep(2.5)
+            f.write(data[half:])
+
+    def reopening_writer() -> None:  # closes after the first half, comes back later
+        (sub / "reopen.png").write_bytes(data[:half])
+        time.sleep(2.5)
+        with open(sub / "reopen.png", "ab") as f:
+            f.write(data[half:])
+
+    def renaming_writer() -> None:  # temporary name, then rename into place
+        tmp = sub / "renamed.png.part"
+        with open(tmp, "wb") as f:
+            f.write(data[:half])
+            f.flush()
+            time.sleep(2.5)
+            f.write(data[half:])
+        os.rename(tmp, sub / "renamed.png")
+
+    threads = [threading.Thread(target=w) for w in (open_writer, reopening_writer, renaming_writer)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    assert rows(d, sub) == []  # mid-pause: nothing judged yet
+    for t in threads:
+        t.join()
+    got = wait_rows(d, sub, 3, timeout=15)
+    time.sleep(1.0)
+    got = rows(d, sub)
+    assert sorted(Path(r["path"]).name for r in got) == ["open.png", "renamed.png", "reopen.png"]
+    assert all(r["verdict"] == "normal" and r["size"] == len(data) for r in got)
+    wait_deltas(d, before, {err("truncated"): 0, err("empty"): 0, SCORED_N: 3})
+
+
+def test_burst_of_1000_files_is_scored_exactly_once(shared: Daemon, tiny_model: TinyModel) -> None:
+    d, sub = shared, shared.watch / "burst"
+    before = d.metrics()
+    t0 = time.monotonic()
+    for i in range(1000):
+        if i % 50 == 0:
+            tiny_model.anomalous_png(sub / f"{i:04d}.png", 100 + i)
+        else:
+            tiny_model.normal_png(sub / f"{i:04d}.png", 1000 + i)
+    got = wait_rows(d, sub, 1000, timeout=120)
+    elapsed = time.monotonic() - t0
+    time.sleep(1.0)
+    got = rows(d, sub)
+    assert len(got) == 1000 == len({r["path"] for r in got})
+    wait_deltas(d, before, {SCORED_A: 20, SCORED_N: 980, "anomon_duplicates_total": 0})
+    print(f"1000 files scored in {elapsed:.1f} s")
+
+
+def test_verdicts_command_lists_the_ledger(shared: Daemon, tiny_model: TinyModel) -> None:
+    d, sub = shared, shared.watch / "listing"
+    tiny_model.normal_png(sub / "n.png", 7)
+    tiny_model.anomalous_png(sub / "a.png", 7)
+    wait_rows(d, sub, 2)
+
+    runs = {  # in parallel: each CLI start imports torch, which is most of its time
+        "jsonl": ["--state", str(d.state), "--format", "jsonl"],
+        "csv": ["--state", str(d.state), "--anomalous-only", "--since", "1h", "--format", "csv"],
+        "table": ["--state", str(d.state), "--format", "table"],
+        "bad_since": ["--state", str(d.state), "--since", "yesterday-ish"],
+        "no_ledger": ["--state", str(d.workdir / "nope")],
+    }
+    n_before = len(rows(d))
+    procs = {k: subprocess.Popen(ANOMON + ["verdicts", *a], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=REPO) for k, a in runs.items()}
+    r = {k: (*p.communicate(timeout=60), p.returncode) for k, p in procs.items()}
+    r = {k: (rc, out, errout) for k, (out, errout, rc) in r.items()}
+
+    rc, out, errout = r["jsonl"]
+    assert rc == 0, errout
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert n_before <= len(listed) <= len(rows(d))  # everything in the ledger (it may still grow)
+    mine = {Path(x["path"]).name: x for x in listed if "/listing/" in x["path"]}
+    assert mine["a.png"]["verdict"] == "anomalous" and mine["n.png"]["verdict"] == "normal"
+    assert {"path", "score", "p_value", "verdict", "reason", "model_id", "arrived", "scored"} <= set(mine["a.png"])
+    rc, out, _ = r["csv"]
+    assert rc == 0 and out.splitlines()[0].startswith("id,scored,verdict")
+    assert all(",anomalous," in line for line in out.splitlines()[1:])
+    assert any("/listing/a.png" in line for line in out.splitlines())
+    rc, out, _ = r["table"]
+    assert rc == 0 and "ANOMALOUS" in out and "/listing/n.png" in out
+    rc, _, errout = r["bad_since"]
+    assert rc == 2 and errout.startswith("anomon: error: --since") and errout.count("\n") == 1
+    rc, _, errout = r["no_ledger"]
+    assert rc == 2 and "no ledger" in errout and "Traceback" not in errout
+
+
+# -- daemons of their own ----------------------------------------------------------------------------
+
+
+def _write_burst(sub: Path, tiny_model: TinyModel, n: int, pause: float = 0.0, start: int = 0) -> None:
+    for i in range(start, start + n):
+        if i % 10 == 3:
+            tiny_model.anomalous_png(sub / f"{i:04d}.png", 500 + i)
+        else:
+            tiny_model.normal_png(sub / f"{i:04d}.png", 5000 + i)
+        if pause:
+            time.sleep(pause)
+
+
+def _check_consistent(d: Daemon, n: int) -> None:
+    """Ledger = the input set, each once; every anomalous row has one alert and vice versa."""
+    got = rows(d)
+    assert len(got) == n == len({r["path"] for r in got})
+    anomalous = {r["id"] for r in got if r["verdict"] == "anomalous"}
+    assert {a["image_id"] for a in alert_rows(d)} == anomalous
+    assert len(anomalous) == sum(1 for i in range(n) if i % 10 == 3)
+
+
+def test_kill_9_mid_burst_loses_nothing_and_scores_nothing_twice(daemon_factory, tiny_model: TinyModel) -> None:
+    d = daemon_factory(tiny_model.path, "kill9")
+    d.start()
+    n = 300
+    writer = threading.Thread(target=_write_burst, args=(d.watch, tiny_model, n, 0.008))
+    writer.start()
+    for at in (40, 140):  # two kills at different points of the burst, restarted each time
+        d.wait_for(lambda: len(rows(d)) >= at, 60, f"{at} rows")
+        d.kill9()
+        d.start()
+    writer.join()
+    d.wait_for(lambda: len(rows(d)) >= n, 90, "all rows")
+    fresh = tiny_model.normal_png(d.watch / "fresh.png", 99_999)
+    t0 = time.monotonic()
+    d.wait_for(lambda: len(rows(d)) == n + 1, 10, "the fresh image")
+    assert time.monotonic() - t0 < 2.0
+    fresh.unlink()
+    time.sleep(0.5)
+    got = rows(d)
+    got = [r for r in got if r["path"] != str(fresh)]
+    assert len(got) == n == len({r["path"] for r in got})
+    _check_consistent_rows(d, got, n)
+    # alerts.jsonl caught up, each alert once
+    d.wait_for(lambda: len((d.state / "alerts.jsonl").read_text().splitlines()) == len(alert_rows(d)),
+               10, "alerts.jsonl")
+    ids = [json.loads(x)["id"] for x in (d.state / "alerts.jsonl").read_text().splitlines()]
+    assert ids == sorted(set(ids)) == [a["id"] for a in alert_rows(d)]
+    assert d.stop() == 0
+
+
+def _check_consistent_rows(d: Daemon, got: list[dict[str, Any]], n: int) -> None:
+    anomalous = {r["id"] for r in got if r["verdict"] == "anomalous"}
+    assert {a["image_id"] for a in alert_rows(d)} == anomalous
+    assert len(anomalous) == sum(1 for i in range(n) if i % 10 == 3)
+
+
+def test_sigterm_under_load_exits_0_in_time_and_restart_scores_the_rest(daemon_factory, tiny_model: TinyModel) -> None:
+    # Polling mode (network shares), switched on by the flag over the TOML file's polling = false.
+    d = daemon_factory(tiny_model.path, "term", polling=False, poll_interval_s=0.3)
+    d.start(extra_args=["--polling"])
+    assert d.metric("anomon_intake_polling") == 1
+    _write_burst(d.watch, tiny_model, 100)
+    d.wait_for(lambda: len(rows(d)) >= 20, 60, "20 rows")
+    t0 = time.monotonic()
+    rc = d.stop(timeout=12)
+    took = time.monotonic() - t0
+    assert rc == 0 and took < 10.0, (rc, took)
+    partial = rows(d)
+    assert {a["image_id"] for a in alert_rows(d)} == {r["id"] for r in partial if r["verdict"] == "anomalous"}
+    # restart with a backlog: 10 more files arrive while it is down
+    _write_burst(d.watch, tiny_model, 10, start=100)
+    d.start(extra_args=["--polling"])
+    d.wait_for(lambda: len(rows(d)) >= 110, 60, "all 110 rows")
+    time.sleep(0.5)
+    _check_consistent(d, 110)
+    assert d.stop() == 0
+    logs = d.log_lines()
+    assert all("ts" in line and "level" in line for line in logs)  # one JSON object per line
+
+
+def test_sighup_and_file_replacement_reload_and_a_corrupt_model_is_refused(
+        daemon_factory, tiny_model: TinyModel, tiny_bundle_b: Path, tmp_path: Path) -> None:
+    from anomon.detector import Detector
+
+    id_a = Detector.load(tiny_model.path, device="cpu").model_id
+    id_b = Detector.load(tiny_bundle_b, device="cpu").model_id
+    assert id_a != id_b
+    model = tmp_path / "model.anomon"
+    shutil.copy(tiny_model.path, model)
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(0.2)
+    d = daemon_factory(model, "reload")
+    d.start(env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+
+    def info_ids() -> list[str]:
+        return [k.split('model_id="')[1].split('"')[0] for k in d.metrics() if k.startswith("anomon_model_info")]
+
+    reloads = lambda r: d.metric(f'anomon_model_reloads_total{{result="{r}"}}')  # noqa: E731
+    assert info_ids() == [id_a]
+    d.signal(signal.SIGHUP)
+    d.wait_for(lambda: reloads("success") == 1, 15, "SIGHUP reload")
+    tmp = model.with_suffix(".new")
+    shutil.copy(tiny_bundle_b, tmp)
+    os.replace(tmp, model)  # replaced on disk: picked up without a signal
+    d.wait_for(lambda: info_ids() == [id_b], 15, "switch to model b")
+    assert reloads("success") == 2
+    tiny_model.normal_png(d.watch / "after_switch.png", 1)
+    assert wait_rows(d, d.watch, 1)[0]["model_id"] == id_b
+
+    model.write_bytes(b"definitely not a safetensors bundle" * 10)  # corrupt in place
+    d.wait_for(lambda: reloads("failure") == 1, 15, "refused reload")
+    d.signal(signal.SIGHUP)
+    d.wait_for(lambda: reloads("failure") == 2, 15, "refused SIGHUP reload")
+    assert info_ids() == [id_b] and d.get("/readyz").status_code == 200
+    tiny_model.normal_png(d.watch / "after_corrupt.png", 2)
+    assert wait_rows(d, d.watch, 2)[-1]["model_id"] == id_b  # the old model keeps serving
+    assert any(line.get("level") == "error" and "refused" in line.get("msg", "") for line in d.log_lines())
+
+    messages = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            messages.append(notify.recv(4096).decode())
+        except socket.timeout:
+            pass
+    assert d.stop() == 0
+    try:
+        while True:
+            messages.append(notify.recv(4096).decode())
+    except socket.timeout:
+        pass
+    notify.close()
+    text = "\n".join(messages)
+    assert "READY=1" in text and "WATCHDOG=1" in text and "STOPPING=1" in text
+
+
+def test_bad_configuration_and_corrupt_state_fail_at_start_with_one_line(
+        tiny_model: TinyModel, tmp_path: Path) -> None:
+    watch = tmp_path / "in"
+    watch.mkdir()
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text(f'model = "{tiny_model.path}"\nwatch = ["{watch}"]\nbatch_size = 0\n')
+    zero_state = tmp_path / "zero"
+    zero_state.mkdir()
+    (zero_state / "ledger.sqlite3").write_bytes(b"")
+    base = ["watch", "--model", str(tiny_model.path), "--watch", str(watch)]
+    cases = {
+        "batch_size": ["watch", "--config", str(bad_toml), "--state", str(tmp_path / "s1")],
+        "listen": base + ["--listen", "nonsense", "--state", str(tmp_path / "s2")],
+        "ledger.sqlite3": base + ["--state", str(zero_state), "--listen", f"127.0.0.1:{free_port()}"],
+        "watch folder not found": ["watch", "--model", str(tiny_model.path), "--watch",
+                                   str(tmp_path / "missing"), "--state", str(tmp_path / "s3")],
+    }
+    procs = {k: subprocess.Popen(ANOMON + v, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=REPO) for k, v in cases.items()}
+    for needle, p in procs.items():
+        out, errout = p.communicate(timeout=60)
+        assert p.returncode == 2, (needle, errout)
+        lines = [x for x in errout.splitlines() if x.startswith("anomon: error:")]
+        assert len(lines) == 1 and needle in lines[0], (needle, errout)
+        assert "Traceback" not in errout
+    assert (zero_state / "ledger.sqlite3").read_bytes() == b""  # never silently replaced
+
+
+# -- webhook -------------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A webhook receiver: answers `status` (changeable), records (key, status) of every POST."""
+
+    def __init__(self) -> None:
+        self.status = 503
+        self.got: list[tuple[str, int, dict[str, Any]]] = []
+        rec = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = rec.status
+                rec.got.append((self.headers.get("Idempotency-Key", ""), status, body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> set[str]:
+        return {k for k, s, _ in self.got if s == 200}
+
+
+def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory, tiny_model: TinyModel) -> None:
+    rx = Receiver()
+    d = daemon_factory(tiny_model.path, "hook", webhook_url=rx.url, webhook_max_backoff_s=0.4,
+                       webhook_timeout_s=1.0)
+    d.start()
+    for i in range(3):
+        tiny_model.anomalous_png(d.watch / f"a{i}.png", i)
+    tiny_model.normal_png(d.watch / "n.png", 0)
+    wait_rows(d, d.watch, 4)
+    d.wait_for(lambda: d.metric('anomon_webhook_deliveries_total{result="retry"}') >= 2, 10,
+               "retries during the outage")
+    d.kill9()  # a crash during the outage...
+    d.start()
+    rx.status = 200  # ...then the receiver recovers
+    d.wait_for(lambda: len(rx.delivered()) == 3, 30, "all alerts delivered")
+    conn = open_readonly(d.state / "ledger.sqlite3")
+    keys = {alert_key(ledger_id_of(conn), a["id"]) for a in alert_rows(d)}
+    conn.close()
+    assert rx.delivered() == keys
+    assert {k for k, _, _ in rx.got} == keys  # retried with the same key, nothing else
+    assert all(b["key"] == k for k, _, b in rx.got)
+    m = wait_deltas(d, {}, {'anomon_webhook_deliveries_total{result="success"}': 3,
+                            'anomon_webhook_deliveries_total{result="dead_letter"}': 0})
+
+    rx.status = 400  # a final "no": dead-lettered, counted, not retried
+    tiny_model.anomalous_png(d.watch / "a_rejected.png", 10)
+    d.wait_for(lambda: d.metric('anomon_webhook_deliveries_total{result="dead_letter"}') == 1, 15, "dead letter")
+    dead = [json.loads(x) for x in (d.state / "webhook-dead-letter.jsonl").read_text().splitlines()]
+    assert len(dead) == 1 and dead[0]["status"] == 400 and dead[0]["alert"]["path"].endswith("a_rejected.png")
+    time.sleep(1.0)
+    assert sum(1 for _, s, _ in rx.got if s == 400) == 1
+    rx.status = 200
+    tiny_model.anomalous_png(d.watch / "a_later.png", 11)  # delivery goes on
+    d.wait_for(lambda: len(rx.delivered()) == 4, 15, "delivery after the dead letter")
+    assert d.stop() == 0
+    rx.server.shutdown()
