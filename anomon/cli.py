@@ -322,6 +322,21 @@ def cmd_verdicts(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomon.demo import DemoError, DemoOptions, run_demo
+
+    opts = DemoOptions(
+        once=args.once, workdir=Path(args.workdir), model=Path(args.model) if args.model else None,
+        port=args.port, epochs=args.epochs, image_size=args.image_size,
+        time_budget_s=args.time_budget, interval_s=args.interval,
+    )
+    try:
+        return run_demo(opts)
+    except DemoError as e:
+        raise UserError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------- parser
 def _fpr(text: str) -> float:
     try:
@@ -350,6 +365,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {v}")
     return v
 
 
@@ -431,6 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--anomalous-only", action="store_true")
     v.add_argument("--format", choices=("jsonl", "csv", "table"))
     v.set_defaults(func=cmd_verdicts)
+
+    d = sub.add_parser("demo", help="see it work: train on the sample images, run the daemon, feed it images")
+    d.add_argument("--once", action="store_true", help="exit after the last image is judged (default: serve until Ctrl-C)")
+    d.add_argument("--model", metavar="MODEL", help="use this bundle instead of training one")
+    d.add_argument("--workdir", metavar="DIR", default=".anomon-demo", help="demo folder, rebuilt each run (default .anomon-demo)")
+    d.add_argument("--port", type=_port, help="HTTP port on 127.0.0.1 (default 9108, or a free one if busy; 0 = any free one)")
+    d.add_argument("--epochs", type=_positive_int, help="training epochs (default: as `anomon train`)")
+    d.add_argument("--image-size", type=_image_size, help="training image size (default: as `anomon train`)")
+    d.add_argument("--time-budget", type=_positive_float, default=90.0, metavar="SECONDS", help="stop training after this long (default 90)")
+    d.add_argument("--interval", type=_positive_float, default=0.3, metavar="SECONDS", help="pause between images fed (default 0.3)")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,0 +1,635 @@
+"""`anomon demo`: the whole product on the bundled sample images, in about two minutes.
+
+It trains on most of `sample_data/normal`, starts the real daemon (`anomon watch`, a subprocess
+with a TOML file, exactly what a user deploys), copies normal and defective images into the
+watched folder at a steady pace, and prints each verdict and each alert as the daemon records them.
+
+Why a subprocess and not the service in-process: the demo then shows what production does, and it
+talks to the daemon only the way a user or an operator would: files into the watched folder, the
+ledger read-only (the `anomon verdicts` machinery), and HTTP (/readyz, /metrics, /alerts).
+
+The normal images fed live are kept out of training, so the false alarms the summary counts are
+honest. The threshold is calibrated on the training command's own held-out share (10 %, so 12
+images): too few for the default 5 % false-alarm target, so the demo asks for 10 %, which 12
+images can back (see anomon.calibrate).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import anomon
+from anomon.config import TrainConfig
+from anomon.images import iter_image_files
+from anomon.ledger import LedgerError, ledger_path, open_readonly, verdict_rows
+
+SAMPLE_DIR = Path(anomon.__file__).resolve().parents[1] / "sample_data"
+DEFAULT_WORKDIR = Path(".anomon-demo")
+DEFAULT_PORT = 9108
+DEFAULT_TIME_BUDGET_S = 90.0  # training stays under 2 minutes on 2 CPU cores
+DEFAULT_INTERVAL_S = 0.3  # about 3 images per second: slow enough to read, fast enough to not bore
+LIVE_NORMAL_EVERY = 5  # every 5th normal image is kept out of training and fed live (30 of 150)
+TARGET_FPR = 0.1
+READY_TIMEOUT_S = 120.0  # torch import + model load on a busy machine
+VERDICT_TIMEOUT_S = 60.0  # after the last image is copied
+POLL_S = 0.2  # how often the ledger and /alerts are read
+MARKER = "README.txt"
+MARKER_TEXT = (
+    "This folder was made by `anomon demo` and is rebuilt by the next demo run; delete it at will.\n"
+    "  train/        the normal images the demo model learnt from\n"
+    "  model.anomon  the model\n"
+    "  anomon.toml   the daemon's configuration\n"
+    "  inbox/        the folder the daemon watches\n"
+    "  state/        the daemon's ledger, alerts.jsonl and anomalies/ (copies + heat maps)\n"
+    "  daemon.log    the daemon's log\n"
+)
+
+
+class DemoError(Exception):
+    """Something the user can fix (a busy --port, a foreign --workdir...); one line."""
+
+
+@dataclass
+class DemoOptions:
+    once: bool = False
+    workdir: Path = DEFAULT_WORKDIR
+    model: Path | None = None  # reuse a bundle instead of training
+    port: int | None = None  # None: 9108, or a free one if that is busy; 0: any free port
+    epochs: int | None = None
+    image_size: int | None = None
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S
+    interval_s: float = DEFAULT_INTERVAL_S
+
+
+@dataclass
+class Item:
+    """One image the demo feeds, with the truth the summary compares the verdict to."""
+
+    source: Path
+    anomalous: bool
+    kind: str = ""  # defect kind, for anomalous images
+    verdict: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def show(path: Path) -> str:
+    """A path as short as it can be and still work from the user's shell."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the demo dies, even by SIGKILL, so no daemon lingers."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon's server does
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _any_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pick_port(requested: int | None) -> tuple[int, str | None]:
+    """The port to use, and a note for the user when it is not the one they expect."""
+    if requested == 0:
+        return _any_free_port(), None
+    if requested is not None:
+        if not _port_free(requested):
+            raise DemoError(f"port {requested} on 127.0.0.1 is in use; pass another --port (0 = any free one)")
+        return requested, None
+    if _port_free(DEFAULT_PORT):
+        return DEFAULT_PORT, None
+    port = _any_free_port()
+    return port, f"port {DEFAULT_PORT} is busy (another anomon?), so the demo uses {port}"
+
+
+def find_sample_data(root: Path = SAMPLE_DIR) -> tuple[list[Path], list[Path], dict[str, str]]:
+    """(normal images, anomalous images, defect kind by file name) from the shipped sample set."""
+    normal_dir, anomalous_dir = root / "normal", root / "anomalous"
+    normal = list(iter_image_files(normal_dir)) if normal_dir.is_dir() else []
+    anomalous = list(iter_image_files(anomalous_dir)) if anomalous_dir.is_dir() else []
+    if len(normal) < 2 * LIVE_NORMAL_EVERY or not anomalous:
+        raise DemoError(
+            f"sample images not found under {root} (the demo needs anomon's source checkout, "
+            "which ships sample_data/normal and sample_data/anomalous)")
+    kinds: dict[str, str] = {}
+    try:
+        meta = json.loads((anomalous_dir / "defects.json").read_text())
+        kinds = {name: str(rec.get("kind", "defect")) for name, rec in meta.get("images", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        pass  # the kind is only a label in the output
+    return normal, anomalous, kinds
+
+
+def split_normals(normal: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training images, images kept out of training and fed live): every 5th is kept out."""
+    live = [p for i, p in enumerate(normal) if i % LIVE_NORMAL_EVERY == 0]
+    train = [p for i, p in enumerate(normal) if i % LIVE_NORMAL_EVERY != 0]
+    return train, live
+
+
+def _is_demo_folder(path: Path) -> bool:
+    try:
+        return (path / MARKER).read_text().startswith(MARKER_TEXT.split(";")[0])
+    except OSError:
+        return False
+
+
+def _daemon_holding(state: Path) -> str | None:
+    """The pid of a daemon still using `state` (an earlier demo left running), or None."""
+    lock = state / "lock"
+    if not lock.is_file():
+        return None
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def prepare_workdir(path: Path) -> Path:
+    """A fresh demo folder: a new run must not find the last run's verdicts (same paths, same
+    bytes would be duplicates, with no verdict). Refuses folders the demo did not make."""
+    path = path.absolute()
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise DemoError(f"--workdir {path} is a file, not a folder")
+            if any(path.iterdir()) and not _is_demo_folder(path):
+                raise DemoError(f"{path} is not empty and was not made by `anomon demo`; "
+                                "pass --workdir with a new or empty folder")
+            pid = _daemon_holding(path / "state")
+            if pid is not None:
+                raise DemoError(f"a daemon from an earlier demo still uses {path} (pid {pid}); stop it first")
+            for sub in ("train", "inbox", "state"):
+                shutil.rmtree(path / sub, ignore_errors=True)
+            for f in ("anomon.toml", "daemon.log"):
+                (path / f).unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).write_text(MARKER_TEXT)
+        (path / "inbox").mkdir()
+    except OSError as e:
+        raise DemoError(f"cannot prepare the demo folder {path}: {e.strerror or e}") from None
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is JSON-compatible for our paths
+
+
+def _iso_to_unix(text: str | None) -> float:
+    if not text:
+        return 0.0
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# ------------------------------------------------------------------------------ the daemon
+
+
+class DaemonProcess:
+    """`anomon watch --config TOML` in its own session: Ctrl-C reaches the demo, which then stops
+    the daemon with one SIGTERM (a second signal would make it exit at once)."""
+
+    def __init__(self, workdir: Path, model: Path, port: int) -> None:
+        self.workdir = workdir
+        self.inbox = workdir / "inbox"
+        self.state = workdir / "state"
+        self.config = workdir / "anomon.toml"
+        self.log_path = workdir / "daemon.log"
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        settings = {
+            "model": model, "watch": [self.inbox], "state": self.state,
+            "listen": f"127.0.0.1:{port}", "log_format": "text",
+        }
+        self.config.write_text(
+            "# Written by `anomon demo`. Every option is explained in deploy/anomon.toml.\n"
+            + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "anomon", "watch", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent)
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DemoError(f"the daemon stopped (exit status {self.proc.returncode}): "
+                            f"{self.last_log_line()}; see {show(self.log_path)}")
+
+    def last_log_line(self) -> str:
+        try:
+            lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines()]
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        return (errors or [ln for ln in lines if ln] or ["empty log"])[-1]
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            self.check_alive()
+            try:
+                if self.get("/readyz", timeout=1.0)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise DemoError(f"the daemon was not ready after {timeout:.0f} s; see {show(self.log_path)}")
+
+    def metric_values(self) -> dict[str, float]:
+        """Samples of /metrics as {'name{labels}': value}: what Prometheus would scrape."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        status, body = self.get("/metrics")
+        if status != 200:
+            return out
+        for fam in text_string_to_metric_families(body.decode()):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def alerts_after(self, since: int) -> list[dict[str, Any]]:
+        status, body = self.get(f"/alerts?since={since}")
+        if status != 200:
+            return []
+        return list(json.loads(body)["alerts"])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+@dataclass
+class Demo:
+    opts: DemoOptions
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    items: list[Item] = field(default_factory=list)
+    daemon: DaemonProcess | None = None
+    _by_name: dict[str, Item] = field(default_factory=dict)
+    _seen_ids: set[int] = field(default_factory=set)
+    _printed_images: set[int] = field(default_factory=set)
+    _alerted_images: set[int] = field(default_factory=set)
+    _held_alerts: list[dict[str, Any]] = field(default_factory=list)
+    _last_alert: int = 0
+    _since: float = 0.0
+    _conn: Any = None
+    _judged: int = 0
+    _extra: int = 0
+    _feed_seconds: float = 0.0
+    _trained: bool = False  # the demo trained the model (so it knows what the model saw)
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def para(self, text: str) -> None:
+        """A paragraph wrapped for an 80-column terminal (paths are never broken)."""
+        self.say(textwrap.fill(text, width=78, break_long_words=False, break_on_hyphens=False))
+
+    def heading(self, text: str) -> None:
+        self.say()
+        self.say(f"== {text} ==")
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        o = self.opts
+        normal, anomalous, kinds = find_sample_data()
+        train, live = split_normals(normal)
+        if o.model is not None and not o.model.is_file():
+            raise DemoError(f"model not found: {o.model}")
+        port, port_note = pick_port(o.port)
+        work = prepare_workdir(o.workdir)
+        self.para("anomon demo: a model learns what normal parts look like, then a daemon judges "
+                  "new images as they arrive and raises an alert for each anomalous one.")
+        self.say(f"Working folder: {show(work)}  (rebuilt on every run)")
+        if port_note:
+            self.say(f"Note: {port_note}.")
+
+        if o.model is not None:
+            model = o.model.absolute()
+            self.heading("Step 1 of 3: the model")
+            self.say(f"Using {show(model)} as it is (no training).")
+        else:
+            model = self.train(work, train, len(live))
+        self.daemon = DaemonProcess(work, model, port)
+        try:
+            self.start_daemon()
+            self.items = self.plan(live, anomalous, kinds)
+            self.feed()
+            self.summary()
+            if o.once:
+                return self.finish()
+            return self.serve()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+                self.daemon.stop()
+
+    def train(self, work: Path, train: list[Path], n_live: int) -> Path:
+        o = self.opts
+        self.heading("Step 1 of 3: train a model on normal images")
+        folder = work / "train"
+        folder.mkdir()
+        for p in train:
+            shutil.copyfile(p, folder / p.name)
+        model = work / "model.anomon"
+        args = ["train", str(folder), "-o", str(model), "--time-budget", f"{o.time_budget_s:g}",
+                "--target-fpr", f"{TARGET_FPR:g}"]
+        if o.epochs:
+            args += ["--epochs", str(o.epochs)]
+        if o.image_size:
+            args += ["--image-size", str(o.image_size)]
+        n_hold = max(1, round(len(train) * TrainConfig().holdout))  # as `anomon train` will
+        self.para(f"Learning from {len(train)} normal images in {show(SAMPLE_DIR / 'normal')}; "
+                  f"{n_live} more are kept back to test the model live. Training stops after at most "
+                  f"{o.time_budget_s:g} s and holds back {n_hold} of its images to set the threshold "
+                  f"for at most {TARGET_FPR:.0%} false alarms.")
+        shown = [show(Path(a)) if a in (str(folder), str(model)) else a for a in args]
+        self.say(f"$ anomon {shlex.join(shown)}")
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "anomon", *args], stdin=subprocess.DEVNULL,
+                              preexec_fn=_die_with_parent)
+        if proc.returncode != 0:
+            raise DemoError(f"training failed (exit status {proc.returncode}); see the messages above")
+        self.say(f"Trained in {time.monotonic() - t0:.0f} s.")
+        self._trained = True
+        return model
+
+    def start_daemon(self) -> None:
+        d = self.daemon
+        assert d is not None
+        self.heading("Step 2 of 3: start the monitoring daemon")
+        self.say(f"$ anomon watch --config {show(d.config)}")
+        d.start()
+        took = d.wait_ready()
+        assert d.proc is not None
+        self.say(f"Ready in {took:.0f} s (pid {d.proc.pid}); its log: {show(d.log_path)}")
+        self.say(f"  watching  {show(d.inbox)}")
+        self.say(f"  metrics   {d.url}/metrics   (for Prometheus)")
+        self.say(f"  alerts    {d.url}/alerts    (JSON, ?since=ID)")
+        self.say(f"  health    {d.url}/readyz")
+        m = d.metric_values()
+        threshold = m.get("anomon_score_threshold")
+        if threshold is not None:
+            self.say(f"Threshold {threshold:.2f}: an image scoring above it is anomalous.")
+
+    def plan(self, live: list[Path], anomalous: list[Path], kinds: dict[str, str]) -> list[Item]:
+        items = [Item(p, False) for p in live]
+        items += [Item(p, True, kinds.get(p.name, "defect")) for p in anomalous]
+        random.Random(0).shuffle(items)  # the same order every run
+        self._by_name = {it.name: it for it in items}
+        return items
+
+    def feed(self) -> None:
+        d = self.daemon
+        assert d is not None
+        n_normal = sum(not it.anomalous for it in self.items)
+        n_bad = len(self.items) - n_normal
+        self.heading("Step 3 of 3: feed images to the daemon")
+        unseen = " the model never saw" if self._trained else ""
+        rate = 1 / self.opts.interval_s
+        pace = f"about {rate:.0f} per second" if rate >= 1 else f"one every {self.opts.interval_s:g} s"
+        self.para(f"Copying {len(self.items)} images into {show(d.inbox)}, {pace}: {n_normal} normal "
+                  f"ones{unseen} and {n_bad} with a drawn defect (the name says which).")
+        self.say()
+        t_start = time.monotonic()
+        next_copy = t_start
+        todo = list(self.items)
+        last_copy = next_poll = 0.0
+        while todo or not self._done():
+            now = time.monotonic()
+            if todo and now >= next_copy:
+                self._drop(todo.pop(0), d.inbox)
+                next_copy += self.opts.interval_s
+                last_copy = now
+            if now >= next_poll:
+                self.poll()
+                next_poll = now + POLL_S
+            if not todo and time.monotonic() - last_copy > VERDICT_TIMEOUT_S:
+                missing = [it.name for it in self.items if it.verdict is None]
+                raise DemoError(f"no verdict for {len(missing)} image(s) after {VERDICT_TIMEOUT_S:.0f} s "
+                                f"(first: {missing[0] if missing else '-'}); see {show(d.log_path)}")
+            time.sleep(0.05)
+        self._feed_seconds = time.monotonic() - t_start
+
+    def _drop(self, item: Item, inbox: Path) -> None:
+        """Copy under a hidden name the daemon ignores, then rename: the file appears complete,
+        as a camera or an upload should deliver it."""
+        tmp = inbox / f".{item.name}.part"
+        shutil.copyfile(item.source, tmp)
+        os.replace(tmp, inbox / item.name)
+
+    def _done(self) -> bool:
+        """Every image has its verdict, and every anomalous verdict its alert."""
+        if any(it.verdict is None for it in self.items):
+            return False
+        flagged = {it.verdict["id"] for it in self.items if it.verdict and it.verdict["verdict"] == "anomalous"}
+        return flagged <= self._alerted_images
+
+    # -- watching the ledger and /alerts -----------------------------------------------------
+
+    def poll(self) -> None:
+        d = self.daemon
+        assert d is not None
+        d.check_alive()
+        if self._conn is None:
+            try:
+                self._conn = open_readonly(ledger_path(d.state))
+            except LedgerError:
+                return
+        for row in verdict_rows(self._conn, since=self._since):
+            if row["id"] in self._seen_ids:
+                continue
+            self._seen_ids.add(row["id"])
+            self._since = max(self._since, _iso_to_unix(row["scored"]) - 5.0)  # batches commit in order
+            self._print_verdict(row)
+        try:
+            fresh = d.alerts_after(self._last_alert)
+        except OSError:
+            fresh = []
+        if fresh:
+            self._last_alert = fresh[-1]["id"]
+        # An alert commits with its verdict; print it only after that verdict's line.
+        pending, self._held_alerts = self._held_alerts + fresh, []
+        for a in pending:
+            if a["image_id"] in self._printed_images:
+                self._print_alert(a)
+            else:
+                self._held_alerts.append(a)
+
+    def _print_verdict(self, row: dict[str, Any]) -> None:
+        name = Path(row["path"]).name
+        item = self._by_name.get(name)
+        self._printed_images.add(row["id"])
+        if item is not None and item.verdict is None:
+            item.verdict = row
+            self._judged += 1
+            tag = f"[{self._judged:2d}/{len(self.items)}]"
+        else:
+            self._extra += 1
+            tag = "[extra]"
+        if row["verdict"] == "error":
+            self.say(f"  {tag} {name:<24} ERROR      {row['reason']}: {row['message']}")
+            return
+        flagged = row["verdict"] == "anomalous"
+        word = "ANOMALOUS" if flagged else "normal"
+        note = ""
+        if item is not None:
+            if item.anomalous:
+                note = f"caught ({item.kind})" if flagged else f"MISSED ({item.kind})"
+            else:
+                note = "FALSE ALARM" if flagged else "ok"
+        self.say(f"  {tag} {name:<24} {word:<9}  score {row['score']:7.2f}  {note}".rstrip())
+
+    def _print_alert(self, a: dict[str, Any]) -> None:
+        first = not self._alerted_images
+        self._alerted_images.add(a["image_id"])
+        self.say(f"          ALERT #{a['id']}  {Path(a['path']).name}  score {a['score']:.2f} > threshold "
+                 f"{a['threshold']:.2f}")
+        where = a.get("heatmap") or a.get("anomaly_image")
+        if first and where:
+            self.say(f"          (a copy of each alerted image and its heat map go to {show(Path(where).parent)}/)")
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def summary(self) -> None:
+        d = self.daemon
+        assert d is not None
+        normal = [it for it in self.items if not it.anomalous]
+        bad = [it for it in self.items if it.anomalous]
+        flagged = lambda it: it.verdict is not None and it.verdict["verdict"] == "anomalous"  # noqa: E731
+        caught = [it for it in bad if flagged(it)]
+        false_alarms = [it for it in normal if flagged(it)]
+        errors = [it for it in self.items if it.verdict is not None and it.verdict["verdict"] == "error"]
+        n_flagged = sum(flagged(it) for it in self.items)
+        self.heading("Summary")
+        self.say(f"  {len(self.items)} images judged in {self._feed_seconds:.0f} s: "
+                 f"{len(self.items) - n_flagged - len(errors)} normal, {n_flagged} anomalous"
+                 + (f", {len(errors)} errors" if errors else ""))
+        self.say(f"  detection rate:   {len(caught)} of {len(bad)} defective images caught "
+                 f"({len(caught) / max(1, len(bad)):.0%})")
+        target = f"; target at most {TARGET_FPR:.0%} on average" if self._trained else ""
+        self.say(f"  false alarms:     {len(false_alarms)} of {len(normal)} normal images "
+                 f"({len(false_alarms) / max(1, len(normal)):.0%}{target})")
+        self.say(f"  alerts raised:    {len(self._alerted_images)} (one per anomalous verdict)")
+        kinds = sorted({it.kind for it in bad})
+        per_kind = [f"{k} {sum(flagged(it) for it in bad if it.kind == k)}/{sum(it.kind == k for it in bad)}"
+                    for k in kinds]
+        self.say(f"  by defect kind:   {', '.join(per_kind)}")
+        m = d.metric_values()
+        scored = {v: int(m.get(f'anomon_images_scored_total{{verdict="{v}"}}', 0)) for v in ("normal", "anomalous")}
+        self.say(f"  /metrics:         anomon_images_scored_total normal={scored['normal']} "
+                 f"anomalous={scored['anomalous']}")
+
+    def finish(self) -> int:
+        d = self.daemon
+        assert d is not None
+        code = d.stop()
+        self.say()
+        self.say(f"Daemon stopped{'' if code == 0 else f' (exit status {code})'}. What it recorded stays in {show(d.state)}:")
+        self.say(f"  anomon verdicts --state {show(d.state)} --format table")
+        self.say("Run `anomon demo` without --once to keep the daemon running and try /metrics.")
+        return 0
+
+    def serve(self) -> int:
+        d = self.daemon
+        assert d is not None
+        self.heading("Still running")
+        self.say(f"Drop your own images into {show(d.inbox)} to have them judged.")
+        self.say(f"Try: curl {d.url}/metrics    or    anomon verdicts --state {show(d.state)}")
+        self.say("Prometheus and Grafana setups: deploy/ in the anomon repository.")
+        self.say("Press Ctrl-C to stop.")
+        try:
+            while True:
+                self.poll()
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self.say()
+            self.say("Stopping the daemon...")
+            code = d.stop()
+            self.say(f"Stopped{'' if code == 0 else f' (exit status {code})'}. Its records stay in {show(d.state)}.")
+            return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
+    """Run the demo; returns the exit status. Raises DemoError for problems the user can fix."""
+    # `kill` or a closed terminal stops the demo the way Ctrl-C does: the daemon is stopped too.
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return Demo(opts, out or sys.stdout).run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
