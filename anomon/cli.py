@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         channels=channels,
         latent_dim=args.latent_dim or defaults.latent_dim,
         epochs=args.epochs or defaults.epochs,
+        # An explicit --epochs is what the user asked for; only the default is a step budget.
+        max_steps=None if args.epochs else defaults.max_steps,
         batch_size=args.batch_size or defaults.batch_size,
         learning_rate=defaults.learning_rate,
         patience=defaults.patience,

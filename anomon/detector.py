@@ -10,7 +10,15 @@ and a defect stands out wherever it is. Two views of the standardised map are co
   - "mean":  its average, which sees diffuse or global changes (a wrong part, a shifted shape);
   - "local": the maximum of its box-filtered version, which sees a small scratch or chip on a large
              image that the average would dilute away.
-Each view is z-scored against normal training images before they are added, so neither unit wins.
+  - "latent": for small images with a dense latent code (at most 64 px, one aligned object per
+             image), the Mahalanobis distance of the image's code from the codes of the training
+             images: an image the decoder can redraw passably may still need a code no normal
+             image needs.
+Each view is z-scored against held-out normal images before they are added, so no unit wins. The
+default score, "all", adds every view the model has; with a latent view the two pixel views count
+half each. Measured on Fashion-MNIST classes 0, 2, 4, 6 (3,000 test images, default training): mean
+AUROC "mean+local" 0.869, "latent" 0.896, "all" 0.895 (it was 0.890 with equal weights), and "all"
+keeps the pixel views that see local defects.
 
 One bundle file (safetensors: tensors + a JSON metadata string, no pickle) holds the weights, the
 architecture, preprocessing, error statistics, calibration scores, threshold and training
@@ -47,8 +55,9 @@ log = logging.getLogger("anomon.detector")
 
 BUNDLE_FORMAT = 1
 MAX_BUNDLE_BYTES = 2 * 1024**3
-ScoreKind = Literal["mean", "local", "mean+local"]
-SCORE_KINDS: tuple[str, ...] = ("mean", "local", "mean+local")
+ScoreKind = Literal["mean", "local", "latent", "mean+local", "all"]
+SCORE_KINDS: tuple[str, ...] = ("mean", "local", "latent", "mean+local", "all")
+VIEW_INDEX = {"mean": [0], "local": [1], "latent": [2], "mean+local": [0, 1]}
 
 
 class BundleError(Exception):
@@ -75,12 +84,13 @@ class Detector:
         latent_dim: int = 32,
         width: int = 32,
         epochs: int = 60,
+        max_steps: int | None = 800,
         batch_size: int = 64,
         learning_rate: float = 2e-3,
         patience: int = 8,
         holdout: float = 0.1,
         target_fpr: float = 0.05,
-        score: ScoreKind = "mean+local",
+        score: ScoreKind = "all",
         pool: int | None = None,
         seed: int = 0,
         device: str = "auto",
@@ -91,6 +101,7 @@ class Detector:
         self.latent_dim = latent_dim
         self.width = width
         self.epochs = epochs
+        self.max_steps = max_steps
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.patience = patience
@@ -127,6 +138,7 @@ class Detector:
             X_train,
             X_hold,
             epochs=self.epochs,
+            max_steps=self.max_steps,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             patience=self.patience,
@@ -158,9 +170,19 @@ class Detector:
         # turning the slightest later error into an enormous z-score.
         std = torch.clamp(std, min=float(std.mean()) * 0.1 + 1e-8)
         self.err_mean_, self.err_std_ = mean.cpu(), std.cpu()
+        self.latent_mean_ = self.latent_precision_ = None
+        if not self.model_.spatial:
+            from sklearn.covariance import LedoitWolf  # shrinkage: 32 dimensions, few images
+
+            codes = torch.cat([self._codes(x) for x in self._batches(X_train)]).double().numpy()
+            cov = LedoitWolf().fit(codes)
+            self.latent_mean_ = torch.from_numpy(cov.location_).float()
+            self.latent_precision_ = torch.from_numpy(cov.precision_).float()
+        if self.score == "latent" and self.latent_mean_ is None:
+            raise ValueError('score "latent" needs a dense latent code (images of at most 64 px)')
         views = torch.cat([self._views(x)[0] for x in self._batches(X_hold)])
         self.view_mean_ = views.mean(0).cpu()
-        self.view_std_ = (torch.clamp(views.std(0), min=1e-8) if len(views) > 1 else torch.ones(2)).cpu()
+        self.view_std_ = (torch.clamp(views.std(0), min=1e-8) if len(views) > 1 else torch.ones(views.shape[1])).cpu()
 
     def _fit_heat_scale(self, X_hold: np.ndarray) -> None:
         """Heat-map scale from normal images: below the 99th percentile of their maps nothing is
@@ -215,28 +237,45 @@ class Detector:
 
     @torch.inference_mode()
     def _error_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)[0]
+
+    @torch.inference_mode()
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        self.model_.eval()
+        return self.model_.encode(x.to(self.device_, dtype=torch.float32)).cpu()
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, S, S) squared error map, and the dense latent codes (None for spatial models)."""
         self.model_.eval()
         x = x.to(self.device_, dtype=torch.float32)
-        return ((self.model_(x) - x) ** 2).mean(1)
+        if self.model_.spatial:
+            return ((self.model_(x) - x) ** 2).mean(1), None
+        codes = self.model_.encode(x)
+        return ((self.model_.decode(codes) - x) ** 2).mean(1), codes
 
     @torch.inference_mode()
     def _views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 2) raw [mean, local] views and the (N, S, S) smoothed standardised error map."""
-        z = (self._error_map(x) - self.err_mean_.to(self.device_)) / self.err_std_.to(self.device_)
+        """(N, V) raw views [mean, local(, latent)] and the (N, S, S) smoothed standardised map."""
+        err, codes = self._forward(x)
+        z = (err - self.err_mean_.to(self.device_)) / self.err_std_.to(self.device_)
         k = self.pool_
         smooth = F.avg_pool2d(z[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
-        views = torch.stack([z.mean((1, 2)), smooth.amax((1, 2))], dim=1)
-        return views, smooth
+        cols = [z.mean((1, 2)), smooth.amax((1, 2))]
+        if codes is not None and getattr(self, "latent_mean_", None) is not None:
+            d = codes - self.latent_mean_.to(codes.device)
+            cols.append(((d @ self.latent_precision_.to(codes.device)) * d).sum(1).clamp(min=0).sqrt())
+        return torch.stack(cols, dim=1), smooth
 
     def _raw_scores_and_maps(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores, maps = [], []
         for x in self._batches(X):
             views, smooth = self._views(x)
             v = (views - self.view_mean_.to(views.device)) / self.view_std_.to(views.device)
-            if self.score == "mean":
-                s = v[:, 0]
-            elif self.score == "local":
-                s = v[:, 1]
+            if self.score != "all":
+                s = v[:, VIEW_INDEX[self.score]].sum(1)
+            elif v.shape[1] == 3:  # the two pixel views together weigh as much as the code's
+                s = v[:, :2].mean(1) + v[:, 2]
             else:
                 s = v.sum(1)
             scores.append(s.double().cpu())
@@ -283,6 +322,9 @@ class Detector:
                 "stats.err_std": self.err_std_.contiguous(),
                 "stats.view_mean": self.view_mean_.contiguous(),
                 "stats.view_std": self.view_std_.contiguous(),
+                **({"stats.latent_mean": self.latent_mean_.contiguous(),
+                    "stats.latent_precision": self.latent_precision_.contiguous()}
+                   if getattr(self, "latent_mean_", None) is not None else {}),
                 "calibration.scores": self.calibration_scores_.contiguous(),
             }
         )
@@ -299,7 +341,7 @@ class Detector:
             "calibration": self.calibration_info_,
             "training": self.metadata,
             "hyperparameters": {
-                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "epochs": self.epochs, "max_steps": self.max_steps, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                 "patience": self.patience, "holdout": self.holdout, "seed": self.seed,
             },
         }
@@ -395,7 +437,7 @@ class Detector:
             target_fpr=float(meta["calibration"]["target_fpr"]),
             score=meta["score"]["kind"],
             pool=int(meta["score"]["pool"]),
-            **{k: hp[k] for k in ("epochs", "batch_size", "learning_rate", "patience", "holdout", "seed") if k in hp},
+            **{k: hp[k] for k in ("epochs", "max_steps", "batch_size", "learning_rate", "patience", "holdout", "seed") if k in hp},
         )
         det.device = device
         det.device_ = pick_device(device)
@@ -407,6 +449,8 @@ class Detector:
         det.err_std_ = tensors["stats.err_std"]
         det.view_mean_ = tensors["stats.view_mean"]
         det.view_std_ = tensors["stats.view_std"]
+        det.latent_mean_ = tensors.get("stats.latent_mean")
+        det.latent_precision_ = tensors.get("stats.latent_precision")
         det.calibration_scores_ = tensors["calibration.scores"]
         det.threshold_ = float(meta["threshold"])
         det.heat_vmin_ = float(meta["heat"]["vmin"])

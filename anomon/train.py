@@ -101,6 +101,7 @@ def fit_autoencoder(
     *,
     epochs: int,
     batch_size: int,
+    max_steps: int | None = None,
     learning_rate: float,
     patience: int,
     seed: int,
@@ -123,6 +124,8 @@ def fit_autoencoder(
     else:
         batch_size = effective_batch_size(batch_size, len(X_train))
         steps = math.ceil(len(X_train) / batch_size)
+    if max_steps is not None:
+        epochs = max(1, min(epochs, math.ceil(max_steps / steps)))
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)

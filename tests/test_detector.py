@@ -61,6 +61,9 @@ def test_bundle_round_trip(fitted: Detector, data, tmp_path: Path) -> None:
     loaded = Detector.load(path, device="cpu")
     assert loaded.model_id == model_id == fitted.model_id
     assert loaded.threshold_ == fitted.threshold_
+    # 32 px: a dense code, so the latent view and its statistics travel in the bundle too
+    assert fitted.view_mean_.numel() == 3 and loaded.latent_precision_ is not None
+    np.testing.assert_array_equal(loaded.latent_mean_.numpy(), fitted.latent_mean_.numpy())
     np.testing.assert_allclose(loaded.score_samples(data[1]), fitted.score_samples(data[1]), rtol=1e-5, atol=1e-6)
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write cleaned up
 
@@ -120,3 +123,15 @@ def test_bad_bundles_give_one_clear_error(fitted: Detector, tmp_path: Path) -> N
             Detector.load(p)
         assert expected in str(e.value), (name, str(e.value))
         assert "\n" not in str(e.value)
+
+
+def test_latent_view_sees_a_code_no_normal_image_needs(fitted: Detector, data) -> None:
+    """Each view alone separates the big-square defect; "all" is what the default scores with."""
+    _, normal, anomalous = data
+    try:
+        for kind in ("mean", "local", "latent", "mean+local"):
+            fitted.score = kind
+            assert np.median(fitted.score_samples(anomalous)) > np.quantile(fitted.score_samples(normal), 0.9), kind
+    finally:
+        fitted.score = "all"
+
