@@ -68,12 +68,10 @@ def _parse(stdout: str) -> tuple[dict[str, tuple[int, str, str]], list[str]]:
 @pytest.mark.e2e
 def test_demo_once_trains_feeds_and_summarises(tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    t0 = time.monotonic()
     proc = subprocess.run(
         DEMO + ["--once", "--image-size", "32", "--epochs", "2", "--port", "0", "--interval", "0.05",
                 "--workdir", str(work)],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
-    took = time.monotonic() - t0
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
     out = proc.stdout
@@ -122,7 +120,6 @@ def test_demo_once_trains_feeds_and_summarises(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert _state_unlocked(work / "state")
-    assert took < 150, f"the demo took {took:.0f} s"
 
 
 @pytest.mark.e2e
