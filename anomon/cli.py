@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,44 +340,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- parser
-def _fpr(text: str) -> float:
+def _number(text: str, kind: type, ok: Callable[[Any], bool], rule: str) -> Any:
+    """Parse one numeric flag; argparse turns the error into a one-line usage message."""
     try:
-        v = float(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {v}")
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{rule}, got {v}")
     return v
+
+
+def _fpr(text: str) -> float:
+    return _number(text, float, lambda v: 0.0 < v < 1.0, "must be between 0 and 1 (exclusive)")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+    return _number(text, int, lambda v: v >= 1, "must be at least 1")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+    return _number(text, float, lambda v: v > 0, "must be positive")
 
 
 def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {v}")
-    return v
+    return _number(text, int, lambda v: 0 <= v <= 65535, "must be between 0 and 65535")
 
 
 def _image_size(text: str) -> int:
