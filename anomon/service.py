@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -299,7 +300,11 @@ class Service:
         assert self.metrics is not None and self.intake is not None
         ping_every = _watchdog_interval()
         next_ping = 0.0
+        next_trim = time.monotonic() + TRIM_EVERY_S
         while not self._stop.wait(0.25):
+            if time.monotonic() >= next_trim:
+                trim_heap()
+                next_trim = time.monotonic() + TRIM_EVERY_S
             if not self._ready_sent and self.is_ready():
                 self._ready_sent = True
                 log.info("ready: start-up rescan done, %d image(s) waiting", self.intake.backlog())
@@ -544,6 +549,38 @@ class Service:
             return _error(cand, "corrupt", f"{cand.path}: cannot convert ({type(e).__name__}: {e})",
                           st, sha)
         return _Scorable(cand, st.st_size, st.st_mtime_ns, sha, data, x, img)
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+TRIM_EVERY_S = 10.0
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS; keeps the daemon's RSS flat over months.
+
+    Each batch allocates and frees tens of MB of activations on the scoring thread, and glibc keeps
+    such freed blocks in fragmented per-thread heaps: measured with bench/daemon_throughput.py,
+    RSS grew from 561 to 1,012 MB over 13,000 images. Fixing the mmap threshold at 1 MiB kept it
+    flat but cost 20-25% of the throughput (every batch faulted its buffers in again); trimming
+    every few seconds costs one such refill per period.
+    """
+    trim = _malloc_trim()
+    return trim is not None and trim(0) >= 0
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -546,3 +546,14 @@ def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory
     d.wait_for(lambda: len(rx.delivered()) == 4, 15, "delivery after the dead letter")
     assert d.stop() == 0
     rx.server.shutdown()
+
+
+def test_heap_trim_is_available_on_glibc() -> None:
+    """The daemon trims glibc's heaps periodically (see trim_heap for the measurement)."""
+    import platform
+
+    from anomon.service import trim_heap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert trim_heap() is True
