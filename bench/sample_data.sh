@@ -21,3 +21,26 @@ start=$(date +%s)
 echo "train wall: $(( $(date +%s) - start )) s"
 "$ANOMON" evaluate "$work/model.anomon" --normal "$work/normal" --anomalous sample_data/anomalous --report "$OUT"
 "$ANOMON" score "$work/model.anomon" sample_data/anomalous --format table --heatmaps "$OUT/all_heatmaps" > "$OUT/anomalous_scores.txt" || true
+# Do the heat maps point at the defects? The hottest pixel of each map against the drawn box.
+"${PYTHON:-.venv/bin/python}" - "$work/model.anomon" <<'PY' | tee "$OUT/localisation.txt"
+import json, sys
+from pathlib import Path
+import numpy as np
+from anomon.detector import Detector
+from anomon.images import load_image
+det = Detector.load(sys.argv[1])
+boxes = json.loads(Path("sample_data/anomalous/defects.json").read_text())["images"]  # box: x0, y0, x1, y1
+hits, margin = 0, 8
+for name, d in sorted(boxes.items()):
+    img = load_image(Path("sample_data/anomalous") / name)
+    _, maps = det.score_with_maps(det.preprocess(img)[None])
+    m = np.asarray(maps[0])
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    sy, sx = img.height / m.shape[0], img.width / m.shape[1]
+    x0, y0, x1, y1 = d["box"]
+    inside = x0 - margin <= x * sx <= x1 + margin and y0 - margin <= y * sy <= y1 + margin
+    hits += inside
+    if not inside:
+        print(f"  hottest pixel outside the box: {name} at ({x * sx:.0f}, {y * sy:.0f}), box {d['box']}")
+print(f"heat maps: hottest pixel on the defect (box + {margin} px) in {hits} of {len(boxes)} images")
+PY
