@@ -10,6 +10,7 @@ ANOMON=${ANOMON:-.venv/bin/anomon}
 OUT=${1:-bench/results/sample_data}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+rm -rf "$OUT/heatmaps" "$OUT/all_heatmaps"  # an earlier run ranked other images first
 mkdir -p "$work/train" "$work/normal" "$OUT"
 i=0
 for f in sample_data/normal/*.png; do
