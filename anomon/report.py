@@ -8,6 +8,7 @@ looks at the defect or at something else). Plus summary.json for scripts.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from anomon.detector import Detector
 
 TOP_HEATMAPS = 12
+# The names this module gives heat maps ("03_anomalous_part_17.png"): only these are cleared from an
+# earlier report in the same folder, whose ranks would otherwise mix with the new ones.
+RANKED_NAME = re.compile(r"\d{2}_(normal|anomalous)_.+\.png")
 
 
 def write_report(
@@ -37,6 +41,9 @@ def write_report(
     anomalous_paths: list[Path],
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    for old in (out / "heatmaps").glob("*.png"):
+        if RANKED_NAME.fullmatch(old.name):
+            old.unlink()
     _roc(out / "roc.png", ev)
     _histogram(out / "histogram.png", normal_scores, anomalous_scores, det.threshold_)
 

@@ -90,13 +90,19 @@ def test_calibrate_rewrites_bundle_and_reports(tiny_bundle: Path, images, tmp_pa
 
 
 def test_evaluate_report(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    earlier = tmp_path / "rep" / "heatmaps"  # an earlier report's ranking must not mix with this one
+    earlier.mkdir(parents=True)
+    (earlier / "01_normal_gone_long_ago.png").write_bytes(b"stale")
+    (earlier / "my_notes.png").write_bytes(b"the user's own file")
     r = run("evaluate", tiny_bundle, "--normal", images["normal"], "--anomalous", images["anomalous"], "--report", tmp_path / "rep")
     assert "AUROC" in r.stdout
     for name in ("roc.png", "histogram.png", "summary.json"):
         assert (tmp_path / "rep" / name).is_file()
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert 0.0 <= summary["auroc"] <= 1.0 and len(summary["top_scoring"]) == 12
-    assert len(list((tmp_path / "rep" / "heatmaps").glob("*.png"))) == 12
+    ranked = sorted(p.name for p in earlier.glob("*.png") if p.name != "my_notes.png")
+    assert len(ranked) == 12 and "01_normal_gone_long_ago.png" not in ranked
+    assert (earlier / "my_notes.png").read_bytes() == b"the user's own file"
 
 
 def test_user_mistakes_are_one_line(tiny_bundle: Path, images, tmp_path: Path) -> None:
