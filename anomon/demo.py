@@ -627,7 +627,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def run_demo(opts: DemoOptions, out: TextIO | None = None) -> int:
     """Run the demo; returns the exit status. Raises DemoError for problems the user can fix."""
     # `kill` or a closed terminal stops the demo the way Ctrl-C does: the daemon is stopped too.
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT is set as well: Python leaves it ignored when the demo was started from a script's
+    # background job (`cmd &` ignores SIGINT), and then Ctrl-C or `kill -INT` did nothing.
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return Demo(opts, out or sys.stdout).run()
     finally:

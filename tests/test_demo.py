@@ -132,7 +132,10 @@ def test_demo_serves_until_ctrl_c(tmp_path: Path, tiny_bundle: Path) -> None:
     work = tmp_path / "demo"
     proc = subprocess.Popen(
         DEMO + ["--model", str(tiny_bundle), "--port", "0", "--interval", "0.02", "--workdir", str(work)],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # started with SIGINT ignored, as a script's background job (`cmd &`) starts it: Ctrl-C
+        # must stop the demo all the same (it did not, until the demo set its own handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     seen: list[str] = []
