@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +306,40 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+class WebhookReceiver:
+    """A real HTTP webhook receiver on 127.0.0.1: answers `statuses` in turn (the last one repeats;
+    `answer` replaces them) and records (Idempotency-Key, status, JSON body) of every POST."""
+
+    def __init__(self, statuses: list[int], delay_s: float = 0.0) -> None:
+        self.statuses = list(statuses)
+        self.got: list[tuple[str, int, dict[str, Any]]] = []
+        rec = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = rec.statuses[min(len(rec.got), len(rec.statuses) - 1)]
+                rec.got.append((self.headers.get("Idempotency-Key", ""), status, body))
+                time.sleep(delay_s)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, status: int) -> None:
+        self.statuses = [status]
+
+    def delivered(self) -> set[str]:
+        return {k for k, s, _ in self.got if s == 200}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

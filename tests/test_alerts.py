@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from PIL import Image
 
 from anomon.alerts import AnomalyStore, JsonlExporter, WebhookSender, last_jsonl_id
 from anomon.ledger import Ledger, Verdict, alert_key
+from conftest import WebhookReceiver
 
 
 def _alerting(led: Ledger, n: int, start: int = 0, scored_at: float | None = None) -> None:
@@ -72,34 +71,6 @@ def test_jsonl_exporter_writes_each_alert_once_across_restarts(ledger: Ledger, t
 # -- webhook ---------------------------------------------------------------------------------------
 
 
-class Receiver:
-    def __init__(self, statuses: list[int], delay_s: float = 0.0) -> None:
-        self.statuses = statuses  # answered in turn; the last one repeats
-        self.got: list[tuple[str, int]] = []
-        rec = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers["Content-Length"]))
-                status = rec.statuses[min(len(rec.got), len(rec.statuses) - 1)]
-                rec.got.append((self.headers["Idempotency-Key"], status))
-                time.sleep(delay_s)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _sender(ledger: Ledger, tmp_path: Path, url: str, results: list[str], **kw) -> WebhookSender:
     kw.setdefault("max_backoff_s", 0.05)
     kw.setdefault("timeout_s", 2.0)
@@ -107,19 +78,19 @@ def _sender(ledger: Ledger, tmp_path: Path, url: str, results: list[str], **kw) 
 
 
 def test_5xx_and_timeouts_are_retried_with_the_same_key(ledger: Ledger, tmp_path: Path) -> None:
-    rx = Receiver([503, 502, 200, 200])
+    rx = WebhookReceiver([503, 502, 200, 200])
     _alerting(ledger, 2)
     results: list[str] = []
     s = _sender(ledger, tmp_path, rx.url, results)
     assert s.step()
     key1, key2 = (alert_key(ledger.ledger_id, i) for i in (1, 2))
-    assert rx.got == [(key1, 503), (key1, 502), (key1, 200), (key2, 200)]
+    assert [(k, s) for k, s, _ in rx.got] == [(key1, 503), (key1, 502), (key1, 200), (key2, 200)]
     assert results == ["retry", "retry", "success", "success"]
     assert ledger.cursor("webhook") == 2
     assert not s.step()  # nothing left
     rx.close()
 
-    slow = Receiver([200], delay_s=1.0)
+    slow = WebhookReceiver([200], delay_s=1.0)
     _alerting(ledger, 1, start=2)
     results.clear()
     s = _sender(ledger.reopen(), tmp_path, slow.url, results, timeout_s=0.2)  # used on another thread
@@ -145,19 +116,19 @@ def test_unreachable_receiver_keeps_the_alert(ledger: Ledger, tmp_path: Path) ->
 
 
 def test_4xx_is_dead_lettered_not_retried(ledger: Ledger, tmp_path: Path) -> None:
-    rx = Receiver([400, 200])
+    rx = WebhookReceiver([400, 200])
     _alerting(ledger, 2)
     results: list[str] = []
     _sender(ledger, tmp_path, rx.url, results).step()
     assert results == ["dead_letter", "success"]
-    assert [s for _, s in rx.got] == [400, 200]
+    assert [s for _, s, _ in rx.got] == [400, 200]
     (dead,) = [json.loads(x) for x in (tmp_path / "webhook-dead-letter.jsonl").read_text().splitlines()]
     assert dead["reason"] == "http_400" and dead["alert"]["id"] == 1
     rx.close()
 
 
 def test_429_is_retried(ledger: Ledger, tmp_path: Path) -> None:
-    rx = Receiver([429, 200])
+    rx = WebhookReceiver([429, 200])
     _alerting(ledger, 1)
     results: list[str] = []
     _sender(ledger, tmp_path, rx.url, results).step()
@@ -166,7 +137,7 @@ def test_429_is_retried(ledger: Ledger, tmp_path: Path) -> None:
 
 
 def test_too_old_and_too_much_backlog_are_dead_lettered_and_counted(ledger: Ledger, tmp_path: Path) -> None:
-    rx = Receiver([200])
+    rx = WebhookReceiver([200])
     _alerting(ledger, 1, scored_at=time.time() - 3600)
     _alerting(ledger, 3, start=1)
     results: list[str] = []

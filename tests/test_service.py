@@ -14,14 +14,13 @@ import socket
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from anomon.ledger import alert_key, ledger_id_of, open_readonly
-from conftest import ANOMON, REPO, Daemon, TinyModel, free_port, png_bytes, normal_array
+from conftest import ANOMON, REPO, Daemon, TinyModel, WebhookReceiver, free_port, png_bytes, normal_array
 
 pytestmark = pytest.mark.e2e
 
@@ -482,36 +481,8 @@ def test_bad_configuration_and_corrupt_state_fail_at_start_with_one_line(
 # -- webhook -------------------------------------------------------------------------------------------
 
 
-class Receiver:
-    """A webhook receiver: answers `status` (changeable), records (key, status) of every POST."""
-
-    def __init__(self) -> None:
-        self.status = 503
-        self.got: list[tuple[str, int, dict[str, Any]]] = []
-        rec = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = rec.status
-                rec.got.append((self.headers.get("Idempotency-Key", ""), status, body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def delivered(self) -> set[str]:
-        return {k for k, s, _ in self.got if s == 200}
-
-
 def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory, tiny_model: TinyModel) -> None:
-    rx = Receiver()
+    rx = WebhookReceiver([503])
     d = daemon_factory(tiny_model.path, "hook", webhook_url=rx.url, webhook_max_backoff_s=0.4,
                        webhook_timeout_s=1.0)
     d.start()
@@ -523,7 +494,7 @@ def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory
                "retries during the outage")
     d.kill9()  # a crash during the outage...
     d.start()
-    rx.status = 200  # ...then the receiver recovers
+    rx.answer(200)  # ...then the receiver recovers
     d.wait_for(lambda: len(rx.delivered()) == 3, 30, "all alerts delivered")
     conn = open_readonly(d.state / "ledger.sqlite3")
     keys = {alert_key(ledger_id_of(conn), a["id"]) for a in alert_rows(d)}
@@ -534,18 +505,18 @@ def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory
     m = wait_deltas(d, {}, {'anomon_webhook_deliveries_total{result="success"}': 3,
                             'anomon_webhook_deliveries_total{result="dead_letter"}': 0})
 
-    rx.status = 400  # a final "no": dead-lettered, counted, not retried
+    rx.answer(400)  # a final "no": dead-lettered, counted, not retried
     tiny_model.anomalous_png(d.watch / "a_rejected.png", 10)
     d.wait_for(lambda: d.metric('anomon_webhook_deliveries_total{result="dead_letter"}') == 1, 15, "dead letter")
     dead = [json.loads(x) for x in (d.state / "webhook-dead-letter.jsonl").read_text().splitlines()]
     assert len(dead) == 1 and dead[0]["status"] == 400 and dead[0]["alert"]["path"].endswith("a_rejected.png")
     time.sleep(1.0)
     assert sum(1 for _, s, _ in rx.got if s == 400) == 1
-    rx.status = 200
+    rx.answer(200)
     tiny_model.anomalous_png(d.watch / "a_later.png", 11)  # delivery goes on
     d.wait_for(lambda: len(rx.delivered()) == 4, 15, "delivery after the dead letter")
     assert d.stop() == 0
-    rx.server.shutdown()
+    rx.close()
 
 
 def test_heap_trim_is_available_on_glibc() -> None:
