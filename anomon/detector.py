@@ -174,7 +174,8 @@ class Detector:
         normal than any new image, and a spread measured there is too narrow (measured on a
         synthetic set: new normals scored 1.4 standard deviations above training normals).
         """
-        errs = torch.cat([self._error_map(x) for x in self._batches(X_train)])
+        passes = [self._forward(x) for x in self._batches(X_train)]  # one pass: errors and codes
+        errs = torch.cat([err for err, _ in passes])
         mean = errs.mean(0)
         std = errs.std(0)
         # A floor keeps a pixel that happens to be perfectly reconstructed in training from
@@ -185,7 +186,7 @@ class Detector:
         if not self.model_.spatial:
             from sklearn.covariance import LedoitWolf  # shrinkage: 32 dimensions, few images
 
-            codes = torch.cat([self._codes(x) for x in self._batches(X_train)]).double().numpy()
+            codes = torch.cat([c.cpu() for _, c in passes if c is not None]).double().numpy()
             cov = LedoitWolf().fit(codes)
             self.latent_mean_ = torch.from_numpy(cov.location_).float()
             self.latent_precision_ = torch.from_numpy(cov.precision_).float()
@@ -245,15 +246,6 @@ class Detector:
     def _batches(self, X: np.ndarray) -> list[torch.Tensor]:
         bs = max(self.batch_size, 1)
         return [torch.from_numpy(np.ascontiguousarray(X[i : i + bs])) for i in range(0, len(X), bs)]
-
-    @torch.inference_mode()
-    def _error_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)[0]
-
-    @torch.inference_mode()
-    def _codes(self, x: torch.Tensor) -> torch.Tensor:
-        self.model_.eval()
-        return self.model_.encode(x.to(self.device_, dtype=torch.float32)).cpu()
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
