@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from anomon.model import ConvAutoencoder
+from anomon.synth import add_defects
 
 log = logging.getLogger("anomon.train")
 
@@ -47,6 +48,11 @@ class TrainResult:
     val_loss: float
     seconds: float
     stopped_early: bool
+    steps_run: int = 0
+    steps_planned: int = 0
+    # True when the time budget, not the plan or early stopping, ended training: the model is
+    # then weaker than asked for, and every place that shows the model says so.
+    stopped_by_budget: bool = False
     history: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -80,8 +86,8 @@ def effective_batch_size(batch_size: int, n_train: int) -> int:
     return max(4, min(batch_size, n_train // MIN_STEPS_PER_EPOCH))
 
 
-def _loss(model: ConvAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(model(x), x)
+def _loss(model: ConvAutoencoder, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    return F.mse_loss(model(x), x if target is None else target)
 
 
 @torch.no_grad()
@@ -108,8 +114,14 @@ def fit_autoencoder(
     device: torch.device,
     time_budget_s: float | None = None,
     progress: bool | None = None,
+    denoise: float = 0.0,
 ) -> TrainResult:
-    """Adam on MSE; keeps the weights of the best validation epoch."""
+    """Adam on MSE; keeps the weights of the best validation epoch.
+
+    `denoise`: the share of training images that get a synthetic defect (anomon.synth) while the
+    target stays the clean image, so the network learns to repair defects rather than copy them.
+    Validation stays plain reconstruction of clean held-out images.
+    """
     if progress is None:
         progress = sys.stderr.isatty()
     crop = crop_size(model)
@@ -140,25 +152,41 @@ def fit_autoencoder(
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr, dynamic_ncols=True)
-    stopped_early = False
+    stopped_early = stopped_by_budget = False
+    steps_run = 0
     epoch = 0
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(Xt), generator=gen)
         running, seen = 0.0, 0
         for step in range(steps):
+            # The budget is checked before every step, not between epochs: one epoch of a large
+            # data set can outlast the whole budget (the demo's "at most 90 s" once took 119 s).
+            if time_budget_s is not None and steps_run:
+                elapsed = time.monotonic() - start
+                if elapsed + elapsed / steps_run > time_budget_s:
+                    stopped_by_budget = True
+                    break
             if crop:
                 idx = torch.randint(0, len(Xt), (batch_size,), generator=gen)
-                x = _random_crops(Xt[idx], crop, gen).to(device)
+                x = _random_crops(Xt[idx], crop, gen)
             else:
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                x = Xt[idx].to(device)
-            loss = _loss(model, x)
+                x = Xt[idx]
+            if denoise > 0:  # painted on the CPU: the generator (and so the run) stays reproducible
+                damaged, _ = add_defects(x, gen, share=denoise)
+                loss = _loss(model, damaged.to(device), x.to(device))
+            else:
+                loss = _loss(model, x.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             running += loss.item() * len(idx)
             seen += len(idx)
+            steps_run += 1
+        if seen == 0:  # the budget ran out before this epoch's first step
+            epoch -= 1
+            break
         sched.step()
         train_loss = running / max(seen, 1)
         val_loss = _mean_loss(model, X_val, batch_size, device) if len(X_val) else train_loss
@@ -179,9 +207,7 @@ def fit_autoencoder(
         if epoch - best[1] >= patience and epoch >= epochs // 4:
             stopped_early = True
             break
-        # Stop before an epoch that would not fit: a budget is a promise, not a hint.
-        if time_budget_s is not None and elapsed + elapsed / epoch > time_budget_s:
-            stopped_early = True
+        if stopped_by_budget:
             break
     if bar is not None:
         bar.close()
@@ -193,6 +219,9 @@ def fit_autoencoder(
         train_loss=history[best[1] - 1][0] if history else float("nan"),
         val_loss=best[0],
         seconds=time.monotonic() - start,
-        stopped_early=stopped_early,
+        stopped_early=stopped_early or stopped_by_budget,
+        steps_run=steps_run,
+        steps_planned=epochs * steps,
+        stopped_by_budget=stopped_by_budget,
         history=history,
     )
