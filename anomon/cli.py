@@ -18,8 +18,8 @@ from typing import Any
 from anomon import __version__
 from anomon.calibrate import CalibrationError, min_images_for
 from anomon.config import ConfigError, TrainConfig
-from anomon.detector import BundleError, Detector, auto_image_size
-from anomon.images import IMAGE_SUFFIXES, ImageError, iter_image_files, load_image
+from anomon.detector import BundleError, Detector, auto_image_size, holdout_size
+from anomon.images import IMAGE_SUFFIXES, ImageError, iter_image_files, load_image, shape_of
 
 log = logging.getLogger("anomon")
 
@@ -91,12 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     X, ok = _load_folder(data, "training", skip_bad=args.skip_bad, image_size=image_size, channels=channels)
     fpr = args.target_fpr if args.target_fpr is not None else defaults.target_fpr
     holdout = defaults.holdout
-    n_hold = max(1, round(len(ok) * holdout))
+    n_hold = holdout_size(len(ok), holdout)
     if len(ok) < 10:
         raise UserError(f"need at least 10 training images, found {len(ok)} under {data}")
+    h, w = shape_of(image_size)
     log.info(
         "training on %d images (%d held out to calibrate) at %dx%d, %d channel(s)",
-        len(ok) - n_hold, n_hold, image_size, image_size, channels,
+        len(ok) - n_hold, n_hold, w, h, channels,
     )
     det = Detector(
         image_size=image_size,
@@ -126,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"at target false-alarm rate {fpr:.3g} (expected {cal['expected_fpr']:.3g}, {cal['n']} held-out images); "
         f"{det.metadata['epochs_run']} epochs in {det.metadata['train_seconds']:.1f}s"
     )
+    for warning in det.warnings():
+        print(f"WARNING: {warning}", file=sys.stderr)
     if not cal["guaranteed"]:
         log.warning(
             "only %d held-out images: the %.3g false-alarm target needs at least %d; "
@@ -281,6 +284,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sn, _ = det.score_with_maps(Xn)
     sa, _ = det.score_with_maps(Xa)
     print(f"model {det.model_id}: {len(sn)} normal, {len(sa)} anomalous images")
+    for warning in det.warnings():
+        print(f"WARNING: {warning}")
     ev = _print_evaluation(det, sn, sa)
     if args.report:
         from anomon.report import write_report
@@ -367,11 +372,15 @@ def _port(text: str) -> int:
     return _number(text, int, lambda v: 0 <= v <= 65535, "must be between 0 and 65535")
 
 
-def _image_size(text: str) -> int:
-    v = _positive_int(text)
-    if not 8 <= v <= 1024:
-        raise argparse.ArgumentTypeError(f"must be between 8 and 1024, got {v}")
-    return v
+def _image_size(text: str) -> int | tuple[int, int]:
+    """N (a square) or WxH (width x height, both above 64: smaller sizes use a square code)."""
+    if "x" in text.lower():
+        w_text, _, h_text = text.lower().partition("x")
+        w, h = _positive_int(w_text), _positive_int(h_text)
+        if not (65 <= w <= 2048 and 65 <= h <= 2048):
+            raise argparse.ArgumentTypeError(f"WxH needs both sides between 65 and 2048, got {text}")
+        return h, w
+    return _number(text, int, lambda v: 8 <= v <= 1024, "must be between 8 and 1024")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -390,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a folder of normal images")
     t.add_argument("data_dir", metavar="DATA_DIR")
     t.add_argument("-o", "--output", metavar="MODEL", required=True, help="bundle file to write")
-    t.add_argument("--image-size", type=_image_size, help="working size in pixels (default: median image size, at most 256)")
+    t.add_argument("--image-size", type=_image_size, help="working size: N for N x N pixels, or WxH (default: from the training images, about 256x256 pixels at most, keeping the aspect ratio of elongated photos)")
     t.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = colour (default: from the images)")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int)

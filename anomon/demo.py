@@ -73,7 +73,7 @@ class DemoOptions:
     model: Path | None = None  # reuse a bundle instead of training
     port: int | None = None  # None: 9108, or a free one if that is busy; 0: any free port
     epochs: int | None = None
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
     time_budget_s: float = DEFAULT_TIME_BUDGET_S
     interval_s: float = DEFAULT_INTERVAL_S
 
@@ -407,7 +407,8 @@ class Demo:
         if o.epochs:
             args += ["--epochs", str(o.epochs)]
         if o.image_size:
-            args += ["--image-size", str(o.image_size)]
+            size = o.image_size
+            args += ["--image-size", f"{size[1]}x{size[0]}" if isinstance(size, tuple) else str(size)]
         n_hold = max(1, round(len(train) * TrainConfig().holdout))  # as `anomon train` will
         self.para(f"Learning from {len(train)} normal images in {show(SAMPLE_DIR / 'normal')}; "
                   f"{n_live} more are kept back to test the model live. Training stops after at most "

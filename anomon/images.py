@@ -134,12 +134,21 @@ def load_image(
     return decode_image(read_bytes(path, max_bytes=max_bytes), name=str(path), max_pixels=max_pixels)
 
 
-def to_array(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
-    """The model's input: float32 (C, S, S) in [0, 1].
+def shape_of(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a working size given as one number (a square) or as (height, width)."""
+    if isinstance(image_size, (tuple, list)):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
 
-    Every image is resized to a square of the working size, so training and serving see the same
-    geometry; the heat map is resized back to the original size for display.
+
+def to_array(img: Image.Image, *, image_size: int | tuple[int, int], channels: int) -> np.ndarray:
+    """The model's input: float32 (C, H, W) in [0, 1].
+
+    Every image is resized to the working size (a square, or (height, width) chosen from the
+    training images' aspect ratio), so training and serving see the same geometry; the heat map
+    is resized back to the original size for display.
     """
+    height, width = shape_of(image_size)
     mode = "L" if channels == 1 else "RGB"
     if img.mode not in (mode,):
         if img.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":
@@ -148,8 +157,8 @@ def to_array(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
             img = Image.fromarray((arr / hi * 255.0).astype(np.uint8), mode="L")
         else:
             img = img.convert(mode)
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if channels == 1:
         arr = arr[None, :, :]
@@ -161,11 +170,11 @@ def to_array(img: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
 def load_arrays(
     paths: Iterable[str | os.PathLike[str]],
     *,
-    image_size: int,
+    image_size: int | tuple[int, int],
     channels: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, list[Path], list[tuple[Path, ImageError]]]:
-    """Decode many files into one (N, C, S, S) array; failures are returned, not raised."""
+    """Decode many files into one (N, C, H, W) array; failures are returned, not raised."""
     arrays: list[np.ndarray] = []
     ok: list[Path] = []
     failed: list[tuple[Path, ImageError]] = []
@@ -180,5 +189,5 @@ def load_arrays(
     if arrays:
         X = np.stack(arrays)
     else:
-        X = np.zeros((0, channels, image_size, image_size), dtype=np.float32)
+        X = np.zeros((0, channels, *shape_of(image_size)), dtype=np.float32)
     return X, ok, failed

@@ -139,8 +139,8 @@ class Metrics:
         self.build_info.info({"version": __version__})
         self.score_threshold.set(threshold)
 
-    def set_model(self, model_id: str, image_size: int, channels: int, threshold: float) -> None:
+    def set_model(self, model_id: str, image_size: str, channels: int, threshold: float) -> None:
         """Describe the model now serving; `Info.info` replaces the previous series atomically."""
         self.model_info.info(
-            {"model_id": model_id, "image_size": str(image_size), "channels": str(channels)})
+            {"model_id": model_id, "image_size": image_size, "channels": str(channels)})
         self.score_threshold.set(threshold)

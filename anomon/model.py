@@ -124,14 +124,20 @@ class ConvAutoencoder(nn.Module):
             h = block(F.interpolate(h, size=size, mode="nearest"))
         return torch.sigmoid(self.head(h))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # With a spatial latent the network is fully convolutional: it can train on crops and
-        # score whole images, so the decoder follows the input's own stage sizes.
-        sizes = [tuple(x.shape[-2:])]
+    def stage_shapes(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """The decoder's output sizes for this input, largest first.
+
+        With a spatial latent the network is fully convolutional: it can train on crops and score
+        whole (also non-square) images, so the decoder follows the input's own stage sizes.
+        """
+        sizes = [(int(x.shape[-2]), int(x.shape[-1]))]
         for _ in range(len(self.sizes) - 2):
             h, w = sizes[-1]
             sizes.append(((h + 1) // 2, (w + 1) // 2))
-        return self.decode(self.encode(x), sizes)  # type: ignore[arg-type]
+        return sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x), self.stage_shapes(x))
 
     @property
     def crop_multiple(self) -> int:

@@ -68,6 +68,7 @@ def write_report(
         "detection_rate": ev.detection_rate,
         "n_normal": ev.n_normal,
         "n_anomalous": ev.n_anomalous,
+        "warnings": det.warnings(),
         "top_scoring": top,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -200,9 +200,9 @@ class Service:
         self._model_stat = self._stat_model()
         det = self.detector
         self.metrics = m = Metrics(det.threshold_)
-        m.set_model(det.model_id, det.image_size, det.channels, det.threshold_)
-        log.info("model %s loaded from %s (threshold %.5g, %dx%d, %d channel(s))", det.model_id,
-                 cfg.model, det.threshold_, det.image_size, det.image_size, det.channels,
+        m.set_model(det.model_id, det.size_label, det.channels, det.threshold_)
+        log.info("model %s loaded from %s (threshold %.5g, %s px, %d channel(s))", det.model_id,
+                 cfg.model, det.threshold_, det.size_label, det.channels,
                  extra={"model_id": det.model_id})
         if cfg.anomalies_dir:
             self.anomalies = AnomalyStore(self.state / ANOMALIES_DIR, cfg.anomalies_max_bytes)
@@ -375,7 +375,7 @@ class Service:
                       extra={"model_id": old.model_id, "reload": "failure"})
             return False
         self.detector = new  # one reference swap; the worker takes it at its next batch
-        self.metrics.set_model(new.model_id, new.image_size, new.channels, new.threshold_)
+        self.metrics.set_model(new.model_id, new.size_label, new.channels, new.threshold_)
         self.metrics.model_reloads.labels(result="success").inc()
         base = self.metrics.bucket_threshold
         if base > 0 and not 0.5 <= new.threshold_ / base <= 2.0:

@@ -133,6 +133,8 @@ def test_user_mistakes_are_one_line(tiny_bundle: Path, images, tmp_path: Path) -
     assert_one_line_error(run("score", tiny_bundle, tmp_path / "missing.png", ok=None), "no such file")
     assert_one_line_error(run("evaluate", tiny_bundle, "--normal", images["normal"], ok=None), "--anomalous")
     assert_one_line_error(run("frobnicate", ok=None), "invalid choice")
+    assert_one_line_error(run("train", images["normal"], "-o", tmp_path / "m", "--image-size", "80x32", ok=None), "65")
+    assert_one_line_error(run("train", images["normal"], "-o", tmp_path / "m", "--image-size", "0", ok=None), "between 8 and 1024")
 
 
 def test_train_writes_a_usable_bundle_with_skip_bad(images, tmp_path: Path) -> None:
@@ -145,3 +147,17 @@ def test_train_writes_a_usable_bundle_with_skip_bad(images, tmp_path: Path) -> N
     info = json.loads(run("info", out).stdout)
     assert info["preprocessing"] == {"image_size": 32, "channels": 1, "resize": "bilinear"}  # auto-detected
     assert info["training"]["n_images"] == 30 and info["n_parameters"] > 0
+    assert info["warnings"] == [] and info["training"]["stopped_by_budget"] is False
+
+
+def test_training_cut_by_its_budget_says_so_everywhere(images, tmp_path: Path) -> None:
+    out = tmp_path / "m.anomon"
+    r = run("train", images["normal"], "-o", out, "--epochs", "500", "--time-budget", "2")
+    assert "WARNING: training was cut short by its time budget" in r.stderr
+    info = json.loads(run("info", out).stdout)
+    assert info["training"]["stopped_by_budget"] is True
+    assert info["training"]["steps_run"] < info["training"]["steps_planned"]
+    assert any("time budget" in w for w in info["warnings"])
+    r = run("evaluate", out, "--normal", images["normal"], "--anomalous", images["anomalous"], "--report", tmp_path / "rep")
+    assert "WARNING: training was cut short" in r.stdout
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["warnings"]

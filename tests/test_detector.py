@@ -135,3 +135,90 @@ def test_latent_view_sees_a_code_no_normal_image_needs(fitted: Detector, data) -
     finally:
         fitted.score = "all"
 
+
+
+# ---------------------------------------------------------------- large, non-square photos
+def _stripes(rng: np.random.Generator, n: int, h: int = 80, w: int = 112) -> np.ndarray:
+    """Unregistered texture: diagonal stripes at a random phase, a little noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(n):
+        phase = rng.uniform(0, 2 * np.pi)
+        img = 0.5 + 0.25 * np.sin((xx + yy) / 4.0 + phase) + rng.normal(0, 0.02, (h, w))
+        out.append(img)
+    return np.clip(np.stack(out)[:, None], 0, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def photo_detector() -> tuple[Detector, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    train, normal = _stripes(rng, 60), _stripes(rng, 20)
+    anomalous = _stripes(rng, 20)
+    anomalous[:, :, 30:42, 60:70] = 0.05  # a dark pit, off-centre
+    det = Detector(image_size=(80, 112), channels=1, max_steps=120, device="cpu").fit(train, progress=False)
+    return det, normal, anomalous
+
+
+def test_non_square_photos_keep_their_shape(photo_detector) -> None:
+    det, normal, anomalous = photo_detector
+    assert det.input_shape == (80, 112) and det.size_label == "112x80"
+    assert det.views_ == ["mean", "local", "gradient", "code"]
+    scores, maps = det.score_with_maps(anomalous)
+    assert maps.shape == (20, 80, 112)
+    assert np.median(scores) > np.max(det.score_samples(normal))
+    for m in maps[:5]:  # the heat map's peak is on the pit
+        y, x = np.unravel_index(np.argmax(m), m.shape)
+        assert 26 <= y < 46 and 56 <= x < 74, (y, x)
+
+
+def test_photo_score_is_gradient_plus_code(photo_detector) -> None:
+    """Large images score the gradient and code views, half each; the others can be scored alone."""
+    det, normal, anomalous = photo_detector
+    assert det.view_weights_.tolist() == [0.0, 0.0, 0.5, 0.5]
+    try:
+        for kind in ("mean", "local", "gradient", "mean+local"):
+            det.score = kind
+            assert np.median(det.score_samples(anomalous)) > np.quantile(det.score_samples(normal), 0.9), kind
+    finally:
+        det.score = "all"
+
+
+def test_photo_bundle_round_trip(photo_detector, data) -> None:
+    det, normal, _ = photo_detector
+    loaded = Detector.from_bytes(det.to_bytes(), device="cpu")
+    assert loaded.input_shape == (80, 112) and loaded.views_ == det.views_
+    np.testing.assert_array_equal(loaded.code_bank_.numpy(), det.code_bank_.numpy())
+    np.testing.assert_allclose(loaded.score_samples(normal), det.score_samples(normal), rtol=1e-5, atol=1e-5)
+    from PIL import Image
+
+    img = Image.fromarray((normal[0, 0] * 255).astype(np.uint8)).resize((224, 160))
+    assert loaded.preprocess(img).shape == (1, 80, 112)
+
+
+def test_small_non_square_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="both sides above 64"):
+        Detector(image_size=(32, 80), channels=1).fit(np.zeros((20, 1, 32, 80), np.float32))
+
+
+def test_bundles_without_view_names_still_load(fitted: Detector, data) -> None:
+    """Bundles written before the views were named (format 1 as shipped) keep their scores."""
+    old = _rewrite_meta(fitted.to_bytes(), lambda m: m["score"].pop("views"))
+    with pytest.raises(BundleError, match="integrity"):
+        Detector.from_bytes(old)  # the id covers the metadata, so a rewrite must re-sign it
+    det = Detector.from_bytes(fitted.to_bytes(), device="cpu")
+    meta, tensors = det._meta(), det._tensors()
+    meta["score"].pop("views")
+    det2 = Detector._from_parts(meta, tensors, "x", "cpu")
+    assert det2.views_ == ["mean", "local", "latent"]
+    np.testing.assert_allclose(det2.score_samples(data[1]), fitted.score_samples(data[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_image_size_keeps_elongated_photos_elongated() -> None:
+    from anomon.detector import auto_image_size
+
+    assert auto_image_size([(28, 28)] * 5, 256) == 28
+    assert auto_image_size([(160, 160)] * 5, 256) == 160
+    assert auto_image_size([(512, 512), (520, 500)] * 3, 256) == 256
+    assert auto_image_size([(500, 1260)] * 3, 256) == (400, 160)  # (height, width): tall commutators
+    assert auto_image_size([(1130, 460)] * 3, 256) == (160, 400)  # wide ball screws
+    assert auto_image_size([(40, 100)] * 3, 256) == 100  # too small to keep the aspect: square

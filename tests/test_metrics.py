@@ -38,7 +38,7 @@ def _samples(m: Metrics) -> dict[str, float]:
 
 def test_every_required_metric_is_declared_with_type_and_help() -> None:
     m = Metrics(0.5)
-    m.set_model("abc123", 32, 1, 0.5)
+    m.set_model("abc123", "32", 1, 0.5)
     text = generate_latest(m.registry).decode()
     for name, kind in REQUIRED.items():
         assert f"# TYPE {name} {kind}\n" in text, name
@@ -63,8 +63,8 @@ def test_labelled_children_exist_at_zero_from_the_start() -> None:
 
 def test_model_info_shows_only_the_current_model() -> None:
     m = Metrics(1.0)
-    m.set_model("aaa", 32, 1, 1.0)
-    m.set_model("bbb", 64, 3, 2.0)
+    m.set_model("aaa", "32", 1, 1.0)
+    m.set_model("bbb", "64", 3, 2.0)
     s = _samples(m)
     info = [k for k in s if k.startswith("anomon_model_info")]
     assert info == ['anomon_model_info{channels="3",image_size="64",model_id="bbb"}']
@@ -91,7 +91,7 @@ def test_separate_instances_do_not_collide() -> None:
 
 def test_deploy_files_only_use_metrics_that_exist() -> None:
     m = Metrics(1.0)
-    m.set_model("x", 32, 1, 1.0)
+    m.set_model("x", "32", 1, 1.0)
     exposed = {k.split("{")[0] for k in _samples(m)}
     used = set()
     for f in (REPO / "deploy").rglob("*"):
