@@ -84,6 +84,8 @@ def _load_detector(path: Path, device: str = "auto") -> Detector:
 def cmd_train(args: argparse.Namespace) -> int:
     defaults = TrainConfig()
     data = Path(args.data_dir)
+    out = Path(args.output)
+    _check_writable(out)  # before minutes of training, not after
     files = _image_files(data, "training")
     sizes, grey = _inspect(files)
     image_size = args.image_size or auto_image_size(sizes, defaults.max_auto_size)
@@ -118,8 +120,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     det.fit(X)
     det.metadata["data_dir"] = str(data)
     det.metadata["n_images"] = len(ok)
-    out = Path(args.output)
-    _check_writable(out)
     model_id = det.save(out)
     cal = det.calibration_info_
     print(
