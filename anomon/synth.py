@@ -23,38 +23,40 @@ import torch
 from torch.nn import functional as F
 
 
+def _rotated_coordinates(h: int, w: int, r: torch.Tensor, turn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, h, w) pixel coordinates along and across a random direction through a random centre.
+
+    r: (n, k) uniform draws; r[:, 0], r[:, 1] place the centre and r[:, turn] turns the direction.
+    """
+    yy = torch.arange(h, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, :]
+    cy, cx = r[:, 0] * (h - 1), r[:, 1] * (w - 1)
+    th = r[:, turn] * math.pi
+    dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
+    c, s = torch.cos(th)[:, None, None], torch.sin(th)[:, None, None]
+    return dx * c + dy * s, -dx * s + dy * c
+
+
 def _blob_masks(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
     """(n, 1, h, w) soft masks: one ellipse per image, 3-12% of the shorter side across, rotated."""
     side = min(h, w)
-    yy = torch.arange(h, dtype=torch.float32)[:, None]
-    xx = torch.arange(w, dtype=torch.float32)[None, :]
     r = torch.rand(n, 6, generator=gen)
-    cy, cx = r[:, 0] * (h - 1), r[:, 1] * (w - 1)
     a = (0.015 + 0.045 * r[:, 2]) * side + 1.0  # semi-axes
     b = a * (0.3 + 0.7 * r[:, 3])
-    th = r[:, 4] * math.pi
-    dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
-    c, s = torch.cos(th)[:, None, None], torch.sin(th)[:, None, None]
-    u, v = (dx * c + dy * s) / a[:, None, None], (-dx * s + dy * c) / b[:, None, None]
-    d = u * u + v * v
-    return torch.clamp(1.5 - d, 0.0, 1.0)[:, None]
+    along, across = _rotated_coordinates(h, w, r, turn=4)
+    u, v = along / a[:, None, None], across / b[:, None, None]
+    return torch.clamp(1.5 - (u * u + v * v), 0.0, 1.0)[:, None]
 
 
 def _stroke_masks(n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
     """(n, 1, h, w) thin lines 10-40% of the shorter side long, 1-3 px wide: scratches, cracks."""
     side = min(h, w)
-    yy = torch.arange(h, dtype=torch.float32)[:, None]
-    xx = torch.arange(w, dtype=torch.float32)[None, :]
     r = torch.rand(n, 5, generator=gen)
-    cy, cx = r[:, 0] * (h - 1), r[:, 1] * (w - 1)
     half = (0.05 + 0.15 * r[:, 2]) * side + 2.0
-    th = r[:, 3] * math.pi
     width = 0.5 + 1.0 * r[:, 4] * max(1.0, side / 128)
-    dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
-    c, s = torch.cos(th)[:, None, None], torch.sin(th)[:, None, None]
-    along, across = dx * c + dy * s, (-dx * s + dy * c).abs()
+    along, across = _rotated_coordinates(h, w, r, turn=3)
     inside = (along.abs() <= half[:, None, None]).float()
-    return (torch.clamp(width[:, None, None] + 0.5 - across, 0.0, 1.0) * inside)[:, None]
+    return (torch.clamp(width[:, None, None] + 0.5 - across.abs(), 0.0, 1.0) * inside)[:, None]
 
 
 def add_defects(x: torch.Tensor, gen: torch.Generator, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
