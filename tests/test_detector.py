@@ -125,15 +125,20 @@ def test_bad_bundles_give_one_clear_error(fitted: Detector, tmp_path: Path) -> N
         assert "\n" not in str(e.value)
 
 
+def _each_kind_separates(det: Detector, normal: np.ndarray, anomalous: np.ndarray, kinds: tuple[str, ...]) -> None:
+    """Scored with each kind alone, the median anomaly lies above 90% of the normal images."""
+    try:
+        for kind in kinds:
+            det.score = kind
+            assert np.median(det.score_samples(anomalous)) > np.quantile(det.score_samples(normal), 0.9), kind
+    finally:
+        det.score = "all"
+
+
 def test_latent_view_sees_a_code_no_normal_image_needs(fitted: Detector, data) -> None:
     """Each view alone separates the big-square defect; "all" is what the default scores with."""
     _, normal, anomalous = data
-    try:
-        for kind in ("mean", "local", "latent", "mean+local"):
-            fitted.score = kind
-            assert np.median(fitted.score_samples(anomalous)) > np.quantile(fitted.score_samples(normal), 0.9), kind
-    finally:
-        fitted.score = "all"
+    _each_kind_separates(fitted, normal, anomalous, ("mean", "local", "latent", "mean+local"))
 
 
 
@@ -175,12 +180,7 @@ def test_photo_score_is_gradient_plus_code(photo_detector) -> None:
     """Large images score the gradient and code views, half each; the others can be scored alone."""
     det, normal, anomalous = photo_detector
     assert det.view_weights_.tolist() == [0.0, 0.0, 0.5, 0.5]
-    try:
-        for kind in ("mean", "local", "gradient", "mean+local"):
-            det.score = kind
-            assert np.median(det.score_samples(anomalous)) > np.quantile(det.score_samples(normal), 0.9), kind
-    finally:
-        det.score = "all"
+    _each_kind_separates(det, normal, anomalous, ("mean", "local", "gradient", "mean+local"))
 
 
 def test_photo_bundle_round_trip(photo_detector, data) -> None:
