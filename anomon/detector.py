@@ -83,7 +83,7 @@ MAX_CODE_BANK = 4096  # training images kept for the code view's nearest-neighbo
 # The score of large images: the gradient view (local defects: cracks, scratches, pits, specks)
 # and the code view (whole-part changes: shape, burrs, a wrong part), equally. Chosen on
 # bench/real_photos.py; every view stays in the bundle and can be scored alone (`score=`).
-PHOTO_WEIGHTS = {"gradient": 0.5, "code": 0.5}
+PHOTO_WEIGHTS = {"local": 0.25, "gradient": 0.5, "code": 0.5}
 
 
 class BundleError(Exception):
