@@ -28,8 +28,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any, TextIO
 
 import anomon
 from anomon.config import TrainConfig
+from anomon.daemon_process import DaemonProcess, DaemonProcessError, die_with_parent, free_port
 from anomon.images import iter_image_files
 from anomon.ledger import LedgerError, ledger_path, open_readonly, verdict_rows
 
@@ -103,17 +102,6 @@ def show(path: Path) -> str:
         return str(path)
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when the demo dies, even by SIGKILL, so no daemon lingers."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon's server does
@@ -124,23 +112,17 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _any_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pick_port(requested: int | None) -> tuple[int, str | None]:
     """The port to use, and a note for the user when it is not the one they expect."""
     if requested == 0:
-        return _any_free_port(), None
+        return free_port(), None
     if requested is not None:
         if not _port_free(requested):
             raise DemoError(f"port {requested} on 127.0.0.1 is in use; pass another --port (0 = any free one)")
         return requested, None
     if _port_free(DEFAULT_PORT):
         return DEFAULT_PORT, None
-    port = _any_free_port()
+    port = free_port()
     return port, f"port {DEFAULT_PORT} is busy (another anomon?), so the demo uses {port}"
 
 
@@ -217,12 +199,6 @@ def prepare_workdir(path: Path) -> Path:
     return path
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is JSON-compatible for our paths
-
-
 def _iso_to_unix(text: str | None) -> float:
     if not text:
         return 0.0
@@ -232,33 +208,21 @@ def _iso_to_unix(text: str | None) -> float:
 # ------------------------------------------------------------------------------ the daemon
 
 
-class DaemonProcess:
-    """`anomon watch --config TOML` in its own session: Ctrl-C reaches the demo, which then stops
-    the daemon with one SIGTERM (a second signal would make it exit at once)."""
+class DemoDaemon(DaemonProcess):
+    """`anomon watch --config TOML` (anomon.daemon_process) in its own session: Ctrl-C reaches the
+    demo, which then stops the daemon with one SIGTERM (a second signal would make it exit at
+    once). It dies with the demo, logs as text (the user reads daemon.log), and its failures are
+    DemoErrors: one line that names the log."""
 
     def __init__(self, workdir: Path, model: Path, port: int) -> None:
-        self.workdir = workdir
         self.inbox = workdir / "inbox"
         self.state = workdir / "state"
-        self.config = workdir / "anomon.toml"
-        self.log_path = workdir / "daemon.log"
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
         settings = {
             "model": model, "watch": [self.inbox], "state": self.state,
             "listen": f"127.0.0.1:{port}", "log_format": "text",
         }
-        self.config.write_text(
-            "# Written by `anomon demo`. Every option is explained in deploy/anomon.toml.\n"
-            + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "anomon", "watch", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=_die_with_parent)
+        super().__init__(workdir, settings, new_session=True, die_with_parent=True,
+                         comment="Written by `anomon demo`. Every option is explained in deploy/anomon.toml.")
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -273,54 +237,18 @@ class DaemonProcess:
         errors = [ln for ln in lines if "error" in ln.lower()]
         return (errors or [ln for ln in lines if ln] or ["empty log"])[-1]
 
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+        try:
+            return super().wait_ready(timeout)
+        except DaemonProcessError:
             self.check_alive()
-            try:
-                if self.get("/readyz", timeout=1.0)[0] == 200:
-                    return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise DemoError(f"the daemon was not ready after {timeout:.0f} s; see {show(self.log_path)}")
-
-    def metric_values(self) -> dict[str, float]:
-        """Samples of /metrics as {'name{labels}': value}: what Prometheus would scrape."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        out: dict[str, float] = {}
-        status, body = self.get("/metrics")
-        if status != 200:
-            return out
-        for fam in text_string_to_metric_families(body.decode()):
-            for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+            raise DemoError(f"the daemon was not ready after {timeout:.0f} s; see {show(self.log_path)}") from None
 
     def alerts_after(self, since: int) -> list[dict[str, Any]]:
         status, body = self.get(f"/alerts?since={since}")
         if status != 200:
             return []
         return list(json.loads(body)["alerts"])
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 # ------------------------------------------------------------------------------ the demo
@@ -331,7 +259,7 @@ class Demo:
     opts: DemoOptions
     out: TextIO = field(default_factory=lambda: sys.stdout)
     items: list[Item] = field(default_factory=list)
-    daemon: DaemonProcess | None = None
+    daemon: DemoDaemon | None = None
     _by_name: dict[str, Item] = field(default_factory=dict)
     _seen_ids: set[int] = field(default_factory=set)
     _printed_images: set[int] = field(default_factory=set)
@@ -379,7 +307,7 @@ class Demo:
             self.say(f"Using {show(model)} as it is (no training).")
         else:
             model = self.train(work, train, len(live))
-        self.daemon = DaemonProcess(work, model, port)
+        self.daemon = DemoDaemon(work, model, port)
         try:
             self.start_daemon()
             self.items = self.plan(live, anomalous, kinds)
@@ -418,7 +346,7 @@ class Demo:
         self.say(f"$ anomon {shlex.join(shown)}")
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "anomon", *args], stdin=subprocess.DEVNULL,
-                              preexec_fn=_die_with_parent)
+                              preexec_fn=die_with_parent)
         if proc.returncode != 0:
             raise DemoError(f"training failed (exit status {proc.returncode}); see the messages above")
         self.say(f"Trained in {time.monotonic() - t0:.0f} s.")
@@ -430,7 +358,7 @@ class Demo:
         assert d is not None
         self.heading("Step 2 of 3: start the monitoring daemon")
         self.say(f"$ anomon watch --config {show(d.config)}")
-        d.start()
+        d.start(wait_ready=False)
         took = d.wait_ready()
         assert d.proc is not None
         self.say(f"Ready in {took:.0f} s (pid {d.proc.pid}); its log: {show(d.log_path)}")
@@ -438,7 +366,7 @@ class Demo:
         self.say(f"  metrics   {d.url}/metrics   (for Prometheus)")
         self.say(f"  alerts    {d.url}/alerts    (JSON, ?since=ID)")
         self.say(f"  health    {d.url}/readyz")
-        m = d.metric_values()
+        m = d.metrics()
         threshold = m.get("anomon_score_threshold")
         if threshold is not None:
             self.say(f"Threshold {threshold:.2f}: an image scoring above it is anomalous.")
@@ -586,7 +514,7 @@ class Demo:
         per_kind = [f"{k} {sum(flagged(it) for it in bad if it.kind == k)}/{sum(it.kind == k for it in bad)}"
                     for k in kinds]
         self.say(f"  by defect kind:   {', '.join(per_kind)}")
-        m = d.metric_values()
+        m = d.metrics()
         scored = {v: int(m.get(f'anomon_images_scored_total{{verdict="{v}"}}', 0)) for v in ("normal", "anomalous")}
         self.say(f"  /metrics:         anomon_images_scored_total normal={scored['normal']} "
                  f"anomalous={scored['anomalous']}")

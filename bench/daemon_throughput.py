@@ -31,20 +31,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
 import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +49,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from anomon.daemon_process import DaemonProcess, DaemonProcessError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "daemon_throughput.md"
@@ -124,12 +122,6 @@ def run_cmd(cmd: list[str], what: str) -> float:
     return time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -167,51 +159,30 @@ def wait_for_quiet(max_load: float, max_wait_s: float, every_s: float = 30.0) ->
 # ------------------------------------------------------------------------------ the daemon
 
 
-class Daemon:
-    """`anomon watch` as a subprocess; seen only through its ledger, /metrics and /proc."""
+class Daemon(DaemonProcess):
+    """`anomon watch` as a subprocess (anomon.daemon_process); seen only through its ledger,
+    /metrics and /proc. No OMP_NUM_THREADS: the daemon gets torch's default threads, as under
+    systemd."""
 
     def __init__(self, work: Path, model: Path, batch_size: int | None) -> None:
         self.watch = (work / "in").resolve()
         self.state = (work / "state").resolve()
         self.watch.mkdir(parents=True)
-        self.port = free_port()
-        self.config = work / "anomon.toml"
-        cfg = {"model": str(model), "watch": [str(self.watch)], "state": str(self.state),
-               "listen": f"127.0.0.1:{self.port}", "device": "cpu", "log_format": "json"}
+        cfg: dict[str, Any] = {"model": str(model), "watch": [str(self.watch)], "state": str(self.state),
+                               "device": "cpu", "log_format": "json"}
         if batch_size is not None:
             cfg["batch_size"] = batch_size
-        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
-        self.log_path = work / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(work, cfg, cwd=REPO)
         self.conn: sqlite3.Connection | None = None
 
-    def start(self, timeout: float = 180.0) -> float:
+    def start_and_open(self, timeout: float = 180.0) -> float:
+        """Start, wait for /readyz, open the ledger read-only; returns the seconds to ready."""
         t0 = time.monotonic()
-        log = open(self.log_path, "ab")
-        # No OMP_NUM_THREADS: the daemon gets torch's default threads, as under systemd.
-        self.proc = subprocess.Popen(ANOMON + ["watch", "--config", str(self.config)],
-                                     stdout=log, stderr=log, cwd=REPO)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                sys.exit(f"daemon_throughput: daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1.0) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        else:
-            sys.exit(f"daemon_throughput: daemon not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        self.start(timeout=timeout)
         from anomon.ledger import ledger_path, open_readonly
 
         self.conn = open_readonly(ledger_path(self.state))
         return time.monotonic() - t0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def max_id(self) -> int:
         assert self.conn is not None
@@ -223,14 +194,10 @@ class Daemon:
 
     def wait_rows(self, first_id: int, n: int, timeout: float, poll_s: float = 0.05) -> None:
         """Until `n` rows newer than `first_id` exist (a cheap primary-key range count)."""
-        deadline = time.monotonic() + timeout
-        while self.rows_after(first_id) < n:
-            if self.proc is not None and self.proc.poll() is not None:
-                sys.exit(f"daemon_throughput: daemon died:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                sys.exit(f"daemon_throughput: only {self.rows_after(first_id)} of {n} verdicts after "
-                         f"{timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(poll_s)
+        try:
+            self.wait_for(lambda: self.rows_after(first_id) >= n, timeout, f"{n} verdicts", poll_s)
+        except DaemonProcessError as e:
+            raise DaemonProcessError(f"{self.rows_after(first_id)} of {n} verdicts: {e}") from None
 
     def rows(self, first_id: int) -> list[sqlite3.Row]:
         assert self.conn is not None
@@ -238,60 +205,32 @@ class Daemon:
             "SELECT id, path, verdict, reason, arrived_at, scored_at FROM images WHERE id > ? ORDER BY id",
             (first_id,)).fetchall()
 
-    def metrics(self) -> dict[str, Any]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5.0) as r:
-            text = r.read().decode()
-        out: dict[str, Any] = {"latency_buckets": {}}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name == "anomon_intake_latency_seconds_bucket":
-                    out["latency_buckets"][float(s.labels["le"])] = s.value
-                elif s.name in ("anomon_intake_latency_seconds_count", "anomon_rescans_total"):
-                    out[s.name] = s.value
-        return out
+    def latency_buckets(self) -> dict[float, float]:
+        """anomon_intake_latency_seconds's cumulative buckets from /metrics: {le: count}."""
+        prefix = 'anomon_intake_latency_seconds_bucket{le="'
+        return {float(k[len(prefix):-2]): v for k, v in self.metrics().items() if k.startswith(prefix)}
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.conn is not None:
             self.conn.close()
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
+            self.conn = None
+        return super().stop(timeout)
 
     def log_levels(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                level = str(json.loads(line).get("level", "?")).lower()
-            except ValueError:
-                level = "non-json"
+        for rec in self.log_lines():
+            level = str(rec.get("level", "non-json")).lower()
             counts[level] = counts.get(level, 0) + 1
         return counts
 
     def log_problems(self, n: int = 5) -> list[str]:
         out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                out.append(line)
-                continue
-            if str(rec.get("level", "")).lower() in ("warning", "error", "critical"):
+        for rec in self.log_lines():
+            if "level" not in rec:
+                out.append(str(rec.get("msg")))
+            elif str(rec["level"]).lower() in ("warning", "error", "critical"):
                 out.append(f"{rec.get('level')}: {rec.get('msg') or rec.get('message')}")
         return out[:n]
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
 
 
 def drop(folder: Path, name: str, data: bytes) -> float:
@@ -383,7 +322,7 @@ class Steady:
 
 def steady(d: Daemon, pool: list[bytes], n: int, rate: float, timeout: float, prefix: str = "steady") -> Steady:
     first_id = d.max_id()
-    before = d.metrics()["latency_buckets"]
+    before = d.latency_buckets()
     renamed: dict[str, float] = {}
     t0 = time.monotonic()
     for i in range(n):
@@ -395,7 +334,7 @@ def steady(d: Daemon, pool: list[bytes], n: int, rate: float, timeout: float, pr
     achieved = (n - 1) / (time.monotonic() - t0) if n > 1 else rate
     d.wait_rows(first_id, n, timeout)
     rows = d.rows(first_id)
-    after = d.metrics()["latency_buckets"]
+    after = d.latency_buckets()
     exact = [r["scored_at"] - renamed[r["path"]] for r in rows]
     internal = [r["scored_at"] - r["arrived_at"] for r in rows]
     return Steady(n, rate, achieved, exact, internal, histogram_quantile(before, after, 0.5),
@@ -670,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {ceilings[-1]:.1f} img/s; one image alone {ctx['single_s'] * 1000:.0f} ms", flush=True)
 
         daemon = Daemon(work, model, args.batch_size)
-        ctx["ready_s"] = daemon.start()
+        ctx["ready_s"] = daemon.start_and_open()
         print(f"daemon pid {daemon.pid} ready in {ctx['ready_s']:.1f} s on port {daemon.port}", flush=True)
 
         print(f"burst: {args.n} files ...", flush=True)
@@ -719,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text)
         print(f"written to {args.out}")
         return 0
+    except DaemonProcessError as e:  # the daemon died or stalled: say so, with its log's tail
+        sys.exit(f"daemon_throughput: {e}")
     finally:
         if daemon is not None:
             daemon.stop()

@@ -1,17 +1,15 @@
 """Shared fixtures: tiny synthetic images, a tiny trained bundle, and the real daemon as a subprocess.
 
-The daemon helper starts `anomon watch` exactly as a user would (its own process, a free port, a
-TOML config), waits for /readyz, and stops it with SIGTERM at the end, so the e2e tests exercise
-the real signal handling, HTTP server and start-up path, never a mock.
+The daemon (anomon.daemon_process, shared with the demo and the bench) starts `anomon watch`
+exactly as a user would (its own process, a free port, a TOML config), waits for /readyz, and
+stops it with SIGTERM at the end, so the e2e tests exercise the real signal handling, HTTP server
+and start-up path, never a mock.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+from anomon.daemon_process import DaemonProcess, free_port  # free_port: test modules import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 ANOMON = [sys.executable, "-m", "anomon.cli"]
@@ -160,135 +160,21 @@ def tiny_model(tiny_bundle: Path) -> TinyModel:
 # -- the daemon ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a TOML basic string is JSON-compatible for our paths
-
-
-class Daemon:
-    """One `anomon watch` subprocess; stderr (JSON log lines) goes to a file for post-mortems."""
+class Daemon(DaemonProcess):
+    """The test daemon: anomon.daemon_process's DaemonProcess with the tests' defaults (a watched
+    folder `watch`, a `state` folder, fast intake timings, JSON logs, one torch thread) in
+    `workdir`; with no `listen` it gets a free 127.0.0.1 port. Keyword arguments override config
+    entries."""
 
     def __init__(self, workdir: Path, model: Path, **cfg: Any) -> None:
-        self.workdir = workdir
         self.watch = workdir / "in"
         self.state = workdir / "state"
         self.watch.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.cfg: dict[str, Any] = {
-            "model": str(model), "watch": [str(self.watch)], "state": str(self.state),
-            "listen": f"127.0.0.1:{self.port}", "stable_s": 0.3, "reconcile_interval_s": 30.0,
-            "incomplete_grace_s": 4.0, "log_format": "json", "device": "cpu",
+        defaults: dict[str, Any] = {
+            "model": str(model), "watch": [str(self.watch)], "state": str(self.state), "stable_s": 0.3,
+            "reconcile_interval_s": 30.0, "incomplete_grace_s": 4.0, "log_format": "json", "device": "cpu",
         }
-        self.cfg.update(cfg)
-        self.config = workdir / "anomon.toml"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "daemon.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def write_config(self) -> None:
-        self.config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in self.cfg.items()))
-
-    def start(self, *, wait_ready: bool = True, timeout: float = 60.0, env: dict[str, str] | None = None,
-              extra_args: list[str] | None = None) -> Daemon:
-        self.write_config()
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        full_env.update(env or {})
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            ANOMON + ["watch", "--config", str(self.config)] + (extra_args or []),
-            stdout=self._log, stderr=self._log, cwd=REPO, env=full_env)
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.get("/readyz", timeout=1.0).status_code == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log_tail()}")
-
-    def get(self, path: str, timeout: float = 5.0):
-        import requests
-
-        return requests.get(self.url + path, timeout=timeout)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as {'name{labels}': value}, parsed by prometheus_client."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(self.get("/metrics").text):
-            for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
-
-    def metric(self, key: str) -> float:
-        return self.metrics().get(key, float("nan"))
-
-    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited waiting for {what}:\n{self.log_tail()}")
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.log_tail()}")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code (kills after `timeout`)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not exit within {timeout} s:\n{self.log_tail()}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"msg": line})
-        return out
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        super().__init__(workdir, {**defaults, **cfg}, env={"OMP_NUM_THREADS": "1"}, cwd=REPO)
 
 
 @pytest.fixture
@@ -304,8 +190,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     yield _make
     for d in made:
         if d.proc is not None and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+            d.kill9()
 
 
 class WebhookReceiver:
