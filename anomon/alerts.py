@@ -1,4 +1,4 @@
-"""Exports of the ledger's alerts: alerts.jsonl, the webhook, and copies under STATE/anomalies/.
+"""Exports of the ledger's alerts: alerts.jsonl and the webhook.
 
 The alerts table in the ledger is the source of truth: an alert is written in the same transaction
 as its verdict, so a verdict without its alert (or the reverse) cannot exist. Everything here is an
@@ -28,16 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
+from anomon.config import watch_default
 from anomon.ledger import Ledger, iso
+from anomon.state import DEAD_LETTER_NAME, JSONL_NAME
 
 log = logging.getLogger("anomon.alerts")
-
-JSONL_NAME = "alerts.jsonl"
-DEAD_LETTER_NAME = "webhook-dead-letter.jsonl"
-ANOMALIES_DIR = "anomalies"
 
 
 def append_line(path: Path, obj: Any) -> None:
@@ -160,9 +155,11 @@ class WebhookSender(_ExportThread):
     name = "webhook"
     CURSOR = "webhook"
 
-    def __init__(self, ledger: Ledger, state_dir: Path, url: str, *, timeout_s: float = 5.0,
-                 max_backoff_s: float = 60.0, max_age_s: float = 7 * 86400.0,
-                 max_spool_bytes: int = 64 << 20,
+    def __init__(self, ledger: Ledger, state_dir: Path, url: str, *,
+                 timeout_s: float = watch_default("webhook_timeout_s"),
+                 max_backoff_s: float = watch_default("webhook_max_backoff_s"),
+                 max_age_s: float = watch_default("webhook_max_age_s"),
+                 max_spool_bytes: int = watch_default("webhook_max_spool_bytes"),
                  on_result: Callable[[str], None] = lambda result: None) -> None:
         super().__init__()
         self._ledger = ledger
@@ -239,65 +236,3 @@ class WebhookSender(_ExportThread):
         self._on_result("dead_letter")
         log.error("webhook: alert %s dead-lettered (%s), see %s", alert["id"], reason,
                   self.dead_letter, extra={"alert_id": alert["id"], "reason": reason})
-
-
-class AnomalyStore:
-    """Copies of anomalous images and their heat-map overlays, bounded by total size.
-
-    Names start with the image's content hash, so scoring the same image again after a crash
-    overwrites the same files instead of adding new ones. When the total passes `max_bytes`, the
-    oldest files go first. The ledger keeps the verdicts regardless; these are for people.
-    """
-
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        root.mkdir(parents=True, exist_ok=True)
-        files = []
-        for p in root.iterdir():
-            if p.is_file():
-                st = p.stat()
-                files.append((st.st_mtime_ns, p, st.st_size))
-        files.sort()
-        # Oldest first; a dict keeps insertion order and lets a rewritten file move to the end.
-        self._files: dict[Path, int] = {p: s for _, p, s in files}
-        self._total = sum(self._files.values())
-
-    def save(self, path: str, sha256: str, data: bytes, img: Image.Image, amap: np.ndarray, *,
-             vmax: float, vmin: float = 0.0) -> tuple[str, str]:
-        from anomon.heatmap import overlay  # matplotlib: imported only once something is anomalous
-
-        stem, suffix = os.path.splitext(os.path.basename(path))
-        base = f"{sha256[:16]}-{stem}"
-        copy = self.root / f"{base}{suffix.lower()}"
-        heat = self.root / f"{base}.heatmap.png"
-        self._write(copy, data)
-        tmp = heat.with_name(heat.name + ".tmp")
-        overlay(img, amap, vmax=vmax, vmin=vmin).save(tmp, format="PNG")
-        self._add(tmp, heat)
-        self.prune()
-        return str(copy), str(heat)
-
-    def _write(self, dest: Path, data: bytes) -> None:
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_bytes(data)
-        self._add(tmp, dest)
-
-    def _add(self, tmp: Path, dest: Path) -> None:
-        os.replace(tmp, dest)
-        self._total -= self._files.pop(dest, 0)
-        self._files[dest] = size = dest.stat().st_size
-        self._total += size
-
-    def prune(self) -> None:
-        while self._total > self.max_bytes and self._files:
-            p = next(iter(self._files))
-            self._total -= self._files.pop(p)
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-
-    @property
-    def total_bytes(self) -> int:
-        return self._total

@@ -19,9 +19,7 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-
-class CalibrationError(ValueError):
-    """Too few or unusable calibration scores."""
+from anomon.errors import CalibrationError
 
 
 class ConformalThreshold(BaseEstimator):
@@ -64,6 +62,13 @@ def p_values(sorted_calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (1.0 + at_or_above) / (cal.size + 1.0)
 
 
+def exceeds(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The decision rule, stated once: anomalous = score strictly above the threshold. The
+    conformal guarantee is P(normal score > threshold) <= F, so a tie with the k-th calibration
+    score is normal."""
+    return np.asarray(scores, dtype=np.float64) > threshold
+
+
 def min_images_for(target_fpr: float) -> int:
     """Smallest calibration set for which the conformal guarantee at `target_fpr` holds."""
     return math.ceil(1.0 / target_fpr) - 1
@@ -93,8 +98,8 @@ def evaluate(normal_scores: np.ndarray, anomalous_scores: np.ndarray, threshold:
     return Evaluation(
         auroc=float(roc_auc_score(y, s)),
         average_precision=float(average_precision_score(y, s)),
-        false_alarm_rate=float(np.mean(normal > threshold)),
-        detection_rate=float(np.mean(anomalous > threshold)),
+        false_alarm_rate=float(np.mean(exceeds(normal, threshold))),
+        detection_rate=float(np.mean(exceeds(anomalous, threshold))),
         n_normal=int(normal.size),
         n_anomalous=int(anomalous.size),
         threshold=float(threshold),

@@ -2,6 +2,9 @@
 
 User mistakes (a missing folder, a corrupt image, a tampered model, a bad flag) end in ONE line on
 stderr, `anomon: error: ...`, and exit status 2. A traceback means a bug in anomon.
+
+Heavy libraries (torch, scikit-learn, matplotlib) are imported inside the commands that need them:
+`anomon --help`, `--version` and `anomon verdicts` start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,27 +14,29 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anomon import __version__
-from anomon.calibrate import CalibrationError, min_images_for
-from anomon.config import ConfigError, TrainConfig
-from anomon.detector import BundleError, Detector, auto_image_size, holdout_size
-from anomon.images import IMAGE_SUFFIXES, ImageError, iter_image_files, load_image, shape_of
+from anomon.config import TrainConfig, WatchConfig
+from anomon.errors import UserError
+
+if TYPE_CHECKING:
+    from anomon.detector import Detector
+    from anomon.scoring import ScoreRecord
 
 log = logging.getLogger("anomon")
 
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
+TRAIN = TrainConfig()  # the one source of the defaults the help text shows
+WATCH_DEFAULTS = WatchConfig.model_fields
 
 
 # ---------------------------------------------------------------------------------------- helpers
 def _image_files(folder: Path, what: str) -> list[Path]:
+    from anomon.images import IMAGE_SUFFIXES, iter_image_files
+
     if not folder.exists():
         raise UserError(f"{what} folder not found: {folder}")
     if not folder.is_dir():
@@ -49,8 +54,9 @@ def _load_folder(
     from anomon.images import load_arrays
 
     X, ok, failed = load_arrays(_image_files(folder, what), image_size=image_size, channels=channels)
-    for path, err in failed:
-        log.warning("skipping %s (%s)", err, err.reason)
+    if failed and skip_bad:
+        for path, err in failed:
+            log.warning("skipping %s (%s)", err, err.reason)
     if failed and not skip_bad:
         path, err = failed[0]
         more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
@@ -77,19 +83,60 @@ def _inspect(files: list[Path]) -> tuple[list[tuple[int, int]], bool]:
 
 
 def _load_detector(path: Path, device: str = "auto") -> Detector:
+    from anomon.detector import Detector
+
     return Detector.load(path, device=device)
+
+
+def _score_folder(det: Detector, folder: Path, what: str, *, skip_bad: bool) -> tuple[Any, list[Path]]:
+    """Scores of every image in a folder through the one scoring path; bad images as in training."""
+    import numpy as np
+
+    from anomon.scoring import score_items
+
+    files = _image_files(folder, what)
+    recs = list(score_items(det, files))
+    failed = [r for r in recs if r.error is not None]
+    if failed and skip_bad:
+        for r in failed:
+            log.warning("skipping %s (%s)", r.message, r.error)
+    if failed and not skip_bad:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise UserError(f"unusable image in {what} data: {failed[0].message} [{failed[0].error}]{more}; "
+                        "fix or remove it, or pass --skip-bad")
+    ok = [(r.score, p) for r, p in zip(recs, files) if r.error is None]
+    if not ok:
+        raise UserError(f"no readable images under {folder}")
+    return np.array([s for s, _ in ok], dtype=np.float64), [p for _, p in ok]
+
+
+def _warn_if_trained_on(det: Detector, folder: Path, doing: str) -> None:
+    """Scores of training images say nothing about new parts (the model has seen them): a
+    calibration or evaluation on them looks perfect and promises nothing."""
+    trained = det.metadata.get("data_dir")
+    if not trained:
+        return
+    a, b = Path(trained).resolve(), folder.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        print(f"WARNING: {doing} on {folder}, which overlaps the training folder {trained}: the model has "
+              "seen these images, so the figures are optimistic; use normal images it was not trained on",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    defaults = TrainConfig()
+    from anomon.calibrate import min_images_for
+    from anomon.detector import Detector, auto_image_size, holdout_size
+    from anomon.images import shape_of
+
+    defaults = TRAIN
     data = Path(args.data_dir)
     out = Path(args.output)
     _check_writable(out)  # before minutes of training, not after
     files = _image_files(data, "training")
     sizes, grey = _inspect(files)
-    image_size = args.image_size or auto_image_size(sizes, defaults.max_auto_size)
-    channels = args.channels or (1 if grey else 3)
+    image_size = args.image_size or defaults.image_size or auto_image_size(sizes, defaults.max_auto_size)
+    channels = args.channels or defaults.channels or (1 if grey else 3)
     X, ok = _load_folder(data, "training", skip_bad=args.skip_bad, image_size=image_size, channels=channels)
     fpr = args.target_fpr if args.target_fpr is not None else defaults.target_fpr
     holdout = defaults.holdout
@@ -118,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget or defaults.time_budget_s,
     )
     det.fit(X)
-    det.metadata["data_dir"] = str(data)
+    det.metadata["data_dir"] = str(data.resolve())
     det.metadata["n_images"] = len(ok)
     model_id = det.save(out)
     cal = det.calibration_info_
@@ -148,16 +195,21 @@ def _check_writable(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- calibrate
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    det = _load_detector(Path(args.model))
-    X, _ = _load_folder(
-        Path(args.normal_dir), "normal", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels
-    )
-    fpr = args.target_fpr if args.target_fpr is not None else det.target_fpr
-    old_id = det.model_id
-    cal = det.calibrate(det.score_samples(X), target_fpr=fpr)
-    det.metadata["calibrated_on"] = str(args.normal_dir)
+    from anomon.calibrate import min_images_for
+
     out = Path(args.output or args.model)
     _check_writable(out)
+    det = _load_detector(Path(args.model))
+    normal_dir = Path(args.normal_dir)
+    normal_scores, _ = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad)
+    anomalous_scores = None
+    if args.anomalous:
+        anomalous_scores, _ = _score_folder(det, Path(args.anomalous), "anomalous", skip_bad=args.skip_bad)
+    _warn_if_trained_on(det, normal_dir, "calibrating")
+    fpr = args.target_fpr if args.target_fpr is not None else det.target_fpr
+    old_id = det.model_id
+    cal = det.calibrate(normal_scores, target_fpr=fpr)
+    det.metadata["calibrated_on"] = str(normal_dir.resolve())
     new_id = det.save(out)
     print(
         f"threshold {det.threshold_:.4f} from {cal.n_calibration_} normal images at target false-alarm rate "
@@ -170,11 +222,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "the threshold is the largest normal score",
             cal.n_calibration_, fpr, min_images_for(fpr),
         )
-    if args.anomalous:
-        Xa, _ = _load_folder(
-            Path(args.anomalous), "anomalous", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels
-        )
-        _print_evaluation(det, det.score_samples(X), det.score_samples(Xa))
+    if anomalous_scores is not None:
+        _print_evaluation(det, normal_scores, anomalous_scores)
     return 0
 
 
@@ -194,6 +243,8 @@ def _print_evaluation(det: Detector, normal_scores: Any, anomalous_scores: Any) 
 # ---------------------------------------------------------------------------------------- score
 def _expand(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     """(file, name relative to the argument it came from), so heat maps mirror the input layout."""
+    from anomon.images import iter_image_files
+
     out: list[tuple[Path, Path]] = []
     for raw in paths:
         p = Path(raw)
@@ -208,41 +259,10 @@ def _expand(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     return out
 
 
-def score_records(det: Detector, items: list[tuple[Path, Path]], heatmaps: Path | None, batch: int = 32) -> Iterator[dict[str, Any]]:
-    """Decode, score in batches, yield one record per input (errors included), in input order."""
+def _write_heatmap(det: Detector, rec: ScoreRecord, dest: Path) -> str:
     from anomon.heatmap import save_overlay
 
-    model_id = det.model_id
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        decoded: list[tuple[int, Any]] = []
-        records: list[dict[str, Any]] = [{} for _ in chunk]
-        for i, (path, _) in enumerate(chunk):
-            try:
-                decoded.append((i, load_image(path)))
-            except ImageError as e:
-                records[i] = {"path": str(path), "error": e.reason, "message": str(e), "model_id": model_id}
-        if decoded:
-            import numpy as np
-
-            X = np.stack([det.preprocess(img) for _, img in decoded])
-            scores, maps = det.score_with_maps(X)
-            pvals = det.p_values(scores)
-            for (i, img), s, m, p in zip(decoded, scores, maps, pvals):
-                path, rel = chunk[i]
-                rec: dict[str, Any] = {
-                    "path": str(path),
-                    "score": round(float(s), 6),
-                    "threshold": round(det.threshold_, 6),
-                    "anomalous": bool(s > det.threshold_),
-                    "p_value": round(float(p), 6),
-                    "model_id": model_id,
-                }
-                if heatmaps is not None:
-                    hm = save_overlay(heatmaps / rel.with_suffix(".png"), img, m, vmax=det.heat_vmax, vmin=det.heat_vmin)
-                    rec["heatmap"] = str(hm)
-                records[i] = rec
-        yield from records
+    return str(save_overlay(dest, rec.image, rec.heatmap, vmax=det.heat_vmax, vmin=det.heat_vmin))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -257,8 +277,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         writer.writeheader()
     if fmt == "table":
         print(f"{'verdict':<10} {'score':>9} {'p-value':>8}  path")
-    for rec in score_records(det, items, heatmaps):
-        errors += "error" in rec
+    from anomon.scoring import score_items
+
+    for (_, rel), r in zip(items, score_items(det, [p for p, _ in items], heatmaps=heatmaps is not None)):
+        rec = {("path" if k == "source" else k): (round(v, 6) if isinstance(v, float) else v)
+               for k, v in r.to_dict().items()}
+        if heatmaps is not None and r.error is None:
+            rec["heatmap"] = _write_heatmap(det, r, heatmaps / rel.with_suffix(".png"))
+        errors += r.error is not None
         if fmt == "jsonl":
             print(json.dumps(rec), flush=True)
         elif writer:
@@ -279,11 +305,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     det = _load_detector(Path(args.model))
     normal_dir, anomalous_dir = Path(args.normal), Path(args.anomalous)
-    Xn, n_paths = _load_folder(normal_dir, "normal", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels)
-    Xa, a_paths = _load_folder(anomalous_dir, "anomalous", skip_bad=args.skip_bad, image_size=det.image_size, channels=det.channels)
-    sn, _ = det.score_with_maps(Xn)
-    sa, _ = det.score_with_maps(Xa)
+    sn, n_paths = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad)
+    sa, a_paths = _score_folder(det, anomalous_dir, "anomalous", skip_bad=args.skip_bad)
     print(f"model {det.model_id}: {len(sn)} normal, {len(sa)} anomalous images")
+    _warn_if_trained_on(det, normal_dir, "evaluating")
     for warning in det.warnings():
         print(f"WARNING: {warning}")
     ev = _print_evaluation(det, sn, sa)
@@ -305,16 +330,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- watch
 def cmd_watch(args: argparse.Namespace) -> int:
     from anomon.config import load_watch_config
-    from anomon.service import StartupError, run
+    from anomon.service import run
 
     cfg = load_watch_config(Path(args.config) if args.config else None, {
         "model": args.model, "watch": args.watch, "state": args.state, "listen": args.listen,
-        "polling": True if args.polling else None,
+        "device": args.device, "polling": True if args.polling else None,
     })
-    try:
-        return run(cfg)
-    except StartupError as e:
-        raise UserError(str(e)) from None
+    return run(cfg)
 
 
 def cmd_verdicts(args: argparse.Namespace) -> int:
@@ -390,69 +412,110 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"anomon: error: {message} (see '{self.prog} --help')\n")
 
 
+def _d(value: Any) -> str:
+    return f" (default {value})"
+
+
+WATCH_EPILOG = """\
+endpoints (on --listen, 127.0.0.1 unless configured otherwise):
+  /metrics   Prometheus metrics (anomon_*; see deploy/grafana and deploy/prometheus)
+  /healthz   200 while the scoring and intake loops are alive (503 when stuck)
+  /readyz    200 once the model is loaded and the start-up rescan is done; JSON of each check
+  /alerts    recent anomaly alerts as JSON (?since=ALERT_ID&limit=N)
+
+signals:
+  SIGTERM, SIGINT  stop: finish the batch in hand; images still waiting are scored at the next start
+  SIGHUP           reload the model file (also automatic when the file is replaced); a bundle that
+                   fails to load is refused and the old model keeps serving
+
+state folder: ledger.sqlite3 (every verdict, exactly once), alerts.jsonl, anomalies/ (copies and
+heat maps of anomalous images), the webhook spool and dead letters, and a lock (one daemon per folder).
+
+logging: log_format = auto (the default) writes text lines when stderr is a terminal and JSON lines
+otherwise (journald, files); set "json" or "text" in the config to choose.
+
+Every setting (with its default and meaning) is in deploy/anomon.toml; flags override the file.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="anomon", description="Anomaly detection for visual inspection lines.")
     p.add_argument("--version", action="version", version=f"anomon {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
 
-    t = sub.add_parser("train", help="train a model on a folder of normal images")
-    t.add_argument("data_dir", metavar="DATA_DIR")
-    t.add_argument("-o", "--output", metavar="MODEL", required=True, help="bundle file to write")
+    t = sub.add_parser("train", help="train a model on a folder of normal images",
+                       description="Train an autoencoder on normal images only, hold out a share of them to "
+                       "calibrate the threshold, and write one bundle file (weights, preprocessing, threshold).")
+    t.add_argument("data_dir", metavar="DATA_DIR", help="folder of normal images (subfolders included)")
+    t.add_argument("-o", "--output", metavar="MODEL", required=True, help="bundle file to write (its folder must exist)")
     t.add_argument("--image-size", type=_image_size, help="working size: N for N x N pixels, or WxH (default: from the training images, about 256x256 pixels at most, keeping the aspect ratio of elongated photos)")
-    t.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = colour (default: from the images)")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--latent-dim", type=_positive_int, help="size of the bottleneck vector")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    t.add_argument("--target-fpr", type=_fpr, help="target false-alarm rate (default 0.05)")
-    t.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop training after this long")
+    t.add_argument("--channels", type=int, choices=(1, 3), help="1 = greyscale, 3 = colour (default: 1 if every training image is greyscale, else 3)")
+    t.add_argument("--epochs", type=_positive_int, help=f"train exactly this many epochs (default: at most {TRAIN.epochs} epochs and {TRAIN.max_steps} optimiser steps, stopping early when the held-out loss stops improving)")
+    t.add_argument("--batch-size", type=_positive_int, help="images per optimiser step" + _d(TRAIN.batch_size))
+    t.add_argument("--latent-dim", type=_positive_int, help="size of the bottleneck vector of small images" + _d(TRAIN.latent_dim))
+    t.add_argument("--seed", type=int, help="random seed: the same seed on the same data gives the same model" + _d(TRAIN.seed))
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default=TRAIN.device, help="auto = CUDA when present" + _d(TRAIN.device))
+    t.add_argument("--target-fpr", type=_fpr, help="target false-alarm rate" + _d(TRAIN.target_fpr))
+    t.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop training after this long (default: no limit); a cut-short model is flagged in `anomon info`")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("calibrate", help="recompute the threshold from normal images")
-    c.add_argument("model", metavar="MODEL")
-    c.add_argument("normal_dir", metavar="NORMAL_DIR")
-    c.add_argument("--target-fpr", type=_fpr)
+    c = sub.add_parser("calibrate", help="recompute the threshold from normal images",
+                       description="Score normal images the model was not trained on and set the threshold at the "
+                       "target false-alarm rate (a conformal quantile: the rate is guaranteed on new normal images).")
+    c.add_argument("model", metavar="MODEL", help="bundle file")
+    c.add_argument("normal_dir", metavar="NORMAL_DIR", help="folder of normal images not used in training")
+    c.add_argument("--target-fpr", type=_fpr, help="target false-alarm rate (default: the bundle's)")
     c.add_argument("--anomalous", metavar="DIR", help="also report how the threshold does on these")
     c.add_argument("-o", "--output", metavar="MODEL", help="write here instead of rewriting MODEL")
-    c.add_argument("--skip-bad", action="store_true")
+    c.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     c.set_defaults(func=cmd_calibrate)
 
-    s = sub.add_parser("score", help="score image files or folders")
-    s.add_argument("model", metavar="MODEL")
-    s.add_argument("paths", metavar="PATH", nargs="+")
-    s.add_argument("--format", choices=("jsonl", "csv", "table"))
-    s.add_argument("--heatmaps", metavar="DIR", help="write a heat-map overlay PNG per image")
+    s = sub.add_parser("score", help="score image files or folders",
+                       description="One line per image: verdict, score, threshold, p-value, model id; the same "
+                       "scoring path as the daemon. Exit status 2 if any image could not be scored.")
+    s.add_argument("model", metavar="MODEL", help="bundle file")
+    s.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (subfolders included)")
+    s.add_argument("--format", choices=("jsonl", "csv", "table"), help="output format (default: table on a terminal, else jsonl)")
+    s.add_argument("--heatmaps", metavar="DIR", help="write a heat-map overlay PNG per image, mirroring the input layout")
     s.set_defaults(func=cmd_score)
 
-    e = sub.add_parser("evaluate", help="AUROC, AP and rates at the threshold on labelled folders")
-    e.add_argument("model", metavar="MODEL")
-    e.add_argument("--normal", metavar="DIR", required=True)
-    e.add_argument("--anomalous", metavar="DIR", required=True)
-    e.add_argument("--report", metavar="DIR", help="write ROC curve, histogram and top heat maps")
-    e.add_argument("--skip-bad", action="store_true")
+    e = sub.add_parser("evaluate", help="AUROC, AP and rates at the threshold on labelled folders",
+                       description="Ranking quality (AUROC, average precision) and the false-alarm and detection "
+                       "rates at the bundle's threshold, on images the model was not trained on.")
+    e.add_argument("model", metavar="MODEL", help="bundle file")
+    e.add_argument("--normal", metavar="DIR", required=True, help="normal images not used in training")
+    e.add_argument("--anomalous", metavar="DIR", required=True, help="defective images")
+    e.add_argument("--report", metavar="DIR", help="write ROC curve, histogram, top heat maps and summary.json")
+    e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     e.set_defaults(func=cmd_evaluate)
 
-    i = sub.add_parser("info", help="print a model bundle's metadata")
-    i.add_argument("model", metavar="MODEL")
+    i = sub.add_parser("info", help="print a model bundle's metadata", description="Print a bundle's metadata as JSON "
+                       "(model id, sizes, threshold, calibration, training, warnings); loads no code from the file.")
+    i.add_argument("model", metavar="MODEL", help="bundle file")
     i.set_defaults(func=cmd_info)
 
-    w = sub.add_parser("watch", help="the monitoring daemon: watch folders, score new images, alert")
-    w.add_argument("--config", metavar="TOML", help="anomon.toml; the flags below override it")
-    w.add_argument("--model", metavar="MODEL")
-    w.add_argument("--watch", metavar="DIR", action="append", help="folder to watch (repeatable)")
-    w.add_argument("--state", metavar="DIR", help="ledger, alerts.jsonl, anomalies/ (default ./anomon-state)")
-    w.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9108)")
-    w.add_argument("--polling", action="store_true", help="poll the folders (network shares)")
+    w = sub.add_parser("watch", help="the monitoring daemon: watch folders, score new images, alert",
+                       description="Watch folders for new images, score each exactly once, record every verdict "
+                       "in the state folder's ledger, alert on anomalies, and serve metrics.",
+                       epilog=WATCH_EPILOG, formatter_class=fmt)
+    w.add_argument("--config", metavar="TOML", help="anomon.toml (every setting: deploy/anomon.toml); the flags below override it")
+    w.add_argument("--model", metavar="MODEL", help="bundle file written by `anomon train` (required here or in the config)")
+    w.add_argument("--watch", metavar="DIR", action="append", help="folder to watch, subfolders included (repeatable; required here or in the config)")
+    w.add_argument("--state", metavar="DIR", help="ledger, alerts.jsonl, anomalies/" + _d(WATCH_DEFAULTS["state"].default))
+    w.add_argument("--listen", metavar="HOST:PORT", help="HTTP address of the endpoints below" + _d(WATCH_DEFAULTS["listen"].default))
+    w.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto = CUDA when present" + _d(WATCH_DEFAULTS["device"].default))
+    w.add_argument("--polling", action="store_true", help="poll the folders instead of inotify (network shares)")
     w.set_defaults(func=cmd_watch, setup_logging=False)  # the daemon sets up its own (JSON) logging
 
-    v = sub.add_parser("verdicts", help="list the verdicts a daemon's ledger holds")
-    v.add_argument("--state", metavar="DIR", required=True)
-    v.add_argument("--since", metavar="TIME", help="ISO date/time (UTC), a duration back (2h, 30m), or Unix time")
-    v.add_argument("--anomalous-only", action="store_true")
-    v.add_argument("--format", choices=("jsonl", "csv", "table"))
+    v = sub.add_parser("verdicts", help="list the verdicts a daemon's ledger holds",
+                       description="Read a state folder's ledger (read-only; safe while the daemon runs).")
+    v.add_argument("--state", metavar="DIR", required=True, help="the daemon's state folder")
+    v.add_argument("--since", metavar="TIME", help="ISO date/time (UTC), a duration back (2h, 30m), or Unix time (default: all)")
+    v.add_argument("--anomalous-only", action="store_true", help="only anomalous verdicts")
+    v.add_argument("--format", choices=("jsonl", "csv", "table"), help="output format (default: table on a terminal, else jsonl)")
     v.set_defaults(func=cmd_verdicts)
 
     d = sub.add_parser("demo", help="see it work: train on the sample images, run the daemon, feed it images")
@@ -482,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (UserError, BundleError, ConfigError, CalibrationError, ImageError) as e:
+    except UserError as e:  # BundleError, ConfigError, ImageError, StartupError... (anomon.errors)
         print(f"anomon: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

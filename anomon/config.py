@@ -13,14 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from anomon.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class ConfigError(Exception):
-    """A user-facing configuration problem: one line, naming the field."""
 
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -118,6 +116,12 @@ class WatchConfig(BaseModel):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def watch_default(field: str) -> Any:
+    """A daemon setting's default, for the constructors and help texts that need it: the config
+    model is the one place a default is written down."""
+    return WatchConfig.model_fields[field].get_default(call_default_factory=True)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -16,7 +16,6 @@ images can back (see anomon.calibrate).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -37,7 +36,9 @@ import anomon
 from anomon.config import TrainConfig
 from anomon.daemon_process import DaemonProcess, DaemonProcessError, die_with_parent, free_port
 from anomon.images import iter_image_files
-from anomon.ledger import LedgerError, ledger_path, open_readonly, verdict_rows
+from anomon.ledger import LedgerError, open_readonly, verdict_rows
+from anomon.state import holder as state_holder
+from anomon.state import ledger_path
 
 SAMPLE_DIR = Path(anomon.__file__).resolve().parents[1] / "sample_data"
 DEFAULT_WORKDIR = Path(".anomon-demo")
@@ -158,21 +159,6 @@ def _is_demo_folder(path: Path) -> bool:
         return False
 
 
-def _daemon_holding(state: Path) -> str | None:
-    """The pid of a daemon still using `state` (an earlier demo left running), or None."""
-    lock = state / "lock"
-    if not lock.is_file():
-        return None
-    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
-    finally:
-        os.close(fd)
-    return None
-
-
 def prepare_workdir(path: Path) -> Path:
     """A fresh demo folder: a new run must not find the last run's verdicts (same paths, same
     bytes would be duplicates, with no verdict). Refuses folders the demo did not make."""
@@ -184,7 +170,7 @@ def prepare_workdir(path: Path) -> Path:
             if any(path.iterdir()) and not _is_demo_folder(path):
                 raise DemoError(f"{path} is not empty and was not made by `anomon demo`; "
                                 "pass --workdir with a new or empty folder")
-            pid = _daemon_holding(path / "state")
+            pid = state_holder(path / "state")
             if pid is not None:
                 raise DemoError(f"a daemon from an earlier demo still uses {path} (pid {pid}); stop it first")
             for sub in ("train", "inbox", "state"):

@@ -49,6 +49,8 @@ import os
 import struct
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,8 +62,10 @@ from safetensors.torch import save as st_save
 from torch.nn import functional as F
 
 from anomon import __version__
-from anomon.calibrate import ConformalThreshold
+from anomon.calibrate import ConformalThreshold, exceeds
+from anomon.config import TrainConfig
 from anomon.calibrate import p_values as conformal_p_values
+from anomon.errors import BundleError
 from anomon.images import shape_of, to_array
 from anomon.model import ConvAutoencoder
 from anomon.train import TrainResult, fit_autoencoder, pick_device, seed_everything
@@ -79,15 +83,12 @@ SCORE_VIEWS: dict[str, set[str]] = {
 }
 GRADIENT_POOL = 5  # px at the working size: a scratch a few pixels wide stays a peak
 CODE_GRID = 4  # the spatial code is averaged to CODE_GRID x CODE_GRID cells for the code view
+_DEFAULTS = TrainConfig()  # the one source of training defaults (the CLI's help shows them)
 MAX_CODE_BANK = 4096  # training images kept for the code view's nearest-neighbour search
 # The score of large images: the gradient view (local defects: cracks, scratches, pits, specks)
 # and the code view (whole-part changes: shape, burrs, a wrong part), equally. Chosen on
 # bench/real_photos.py; every view stays in the bundle and can be scored alone (`score=`).
 PHOTO_WEIGHTS = {"local": 0.25, "gradient": 0.5, "code": 0.5}
-
-
-class BundleError(Exception):
-    """A model bundle that cannot be used: missing, unreadable, corrupt, tampered, or too new."""
 
 
 class NotFittedError(RuntimeError):
@@ -129,6 +130,17 @@ def nearest_distance(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return d.amin(1).clamp(min=0).sqrt()
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """One batch's outcome: scores (N,), anomaly maps (N, H, W) at the working size, conformal
+    p-values (N,), and verdicts (N,) as booleans (True = anomalous)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    p_values: np.ndarray
+    anomalous: np.ndarray
+
+
 class Detector:
     """Convolutional-autoencoder anomaly detector with a conformal threshold."""
 
@@ -136,20 +148,20 @@ class Detector:
         self,
         image_size: int | tuple[int, int] = 28,
         channels: int = 1,
-        latent_dim: int = 32,
+        latent_dim: int = _DEFAULTS.latent_dim,
         width: int = 32,
-        epochs: int = 60,
-        max_steps: int | None = 800,
-        batch_size: int = 64,
-        learning_rate: float = 2e-3,
-        patience: int = 8,
-        holdout: float = 0.1,
-        target_fpr: float = 0.05,
+        epochs: int = _DEFAULTS.epochs,
+        max_steps: int | None = _DEFAULTS.max_steps,
+        batch_size: int = _DEFAULTS.batch_size,
+        learning_rate: float = _DEFAULTS.learning_rate,
+        patience: int = _DEFAULTS.patience,
+        holdout: float = _DEFAULTS.holdout,
+        target_fpr: float = _DEFAULTS.target_fpr,
         score: ScoreKind = "all",
         pool: int | None = None,
-        seed: int = 0,
-        device: str = "auto",
-        time_budget_s: float | None = None,
+        seed: int = _DEFAULTS.seed,
+        device: str = _DEFAULTS.device,
+        time_budget_s: float | None = _DEFAULTS.time_budget_s,
         denoise: float = 0.0,
     ) -> None:
         self.image_size = image_size
@@ -399,17 +411,41 @@ class Detector:
         return self.score_with_maps(X)[0]
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Score minus threshold: positive = anomalous (scikit-learn's outlier detectors use the
+        opposite sign, positive = inlier; here higher always means more anomalous, like the score)."""
         return self.score_samples(X) - self.threshold_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return (self.decision_function(X) > 0).astype(np.int64)
+        """1 = anomalous, 0 = normal."""
+        return self.is_anomalous(self.score_samples(X)).astype(np.int64)
+
+    def is_anomalous(self, scores: np.ndarray) -> np.ndarray:
+        """The verdict for scores already computed; `predict` and every caller use this rule."""
+        self._check_fitted()
+        return exceeds(scores, self.threshold_)
+
+    def assess(self, X: np.ndarray) -> Assessment:
+        """Everything a verdict needs from one forward pass: scores, maps, p-values, verdicts."""
+        scores, maps = self.score_with_maps(X)
+        return Assessment(scores, maps, self.p_values(scores), self.is_anomalous(scores))
+
+    def score_images(self, items: Iterable[Any], *, heatmaps: bool = False) -> list[Any]:
+        """Score image files, PIL images or numpy arrays (H x W [x C], uint8 or float in [0, 1]):
+        one `anomon.scoring.ScoreRecord` per item, in order, with score, threshold, anomalous,
+        p_value and model_id, or `error`/`message` for an item that could not be read. The same
+        path as `anomon score` and the daemon (anomon.scoring)."""
+        from anomon.scoring import score_items
+
+        self._check_fitted()
+        return list(score_items(self, items, heatmaps=heatmaps))
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         self._check_fitted()
         return conformal_p_values(self.calibration_scores_.numpy(), scores)
 
-    def preprocess(self, img: Image.Image) -> np.ndarray:
-        return to_array(img, image_size=self.image_size, channels=self.channels)
+    def preprocess(self, img: Image.Image, name: str = "image") -> np.ndarray:
+        """The model's input for one decoded image; ImageError("corrupt") if it will not convert."""
+        return to_array(img, image_size=self.image_size, channels=self.channels, name=name)
 
     @property
     def heat_vmin(self) -> float:

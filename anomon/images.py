@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -18,24 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from anomon.config import watch_default
+from anomon.errors import ImageError
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 )
 
-# Every reason an image can be refused. Kept small and fixed: it is a metric label.
-REASONS: tuple[str, ...] = (
-    "empty",  # zero bytes
-    "truncated",  # a valid header but the data stops early
-    "corrupt",  # recognised format, undecodable data
-    "not_image",  # not an image format Pillow knows
-    "too_large",  # over the pixel or byte limit (decompression bombs included)
-    "unreadable",  # permission denied, I/O error, a directory
-    "vanished",  # deleted between the event and the read
-    "refused",  # outside the watched folders, or a symlink leading out
-)
-
-DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_PIXELS: int = watch_default("max_pixels")
+DEFAULT_MAX_BYTES: int = watch_default("max_bytes")
 
 # Leading bytes of the formats we accept: a file that starts like one but cannot be identified
 # was cut short, which is a different story (and a different metric) from "not an image".
@@ -43,15 +35,6 @@ _MAGIC: tuple[bytes, ...] = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x0
 
 # Never let Pillow silently pad a truncated file with grey: that would score a half image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class ImageError(Exception):
-    """An image that cannot be scored; `reason` is one of REASONS."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        assert reason in REASONS, reason
-        super().__init__(message)
-        self.reason = reason
 
 
 def is_image_path(path: str | os.PathLike[str]) -> bool:
@@ -71,27 +54,52 @@ def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read a whole file, mapping OS failures to reasons."""
+def read_file(
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True
+) -> tuple[os.stat_result, bytes]:
+    """Read a whole regular file: the one safe read behind training, `anomon score` and the daemon.
+
+    The file is opened non-blocking (a FIFO dropped into a folder must not hang the reader), only
+    regular files are read, the size limit is checked before and while reading, and the stat is
+    the opened file's own, so it describes exactly the bytes returned. The daemon passes
+    `follow_symlinks=False`: a watched file that is (or became) a symlink could lead outside the
+    watched folder. A path a user names on the command line may be a link they made on purpose.
+    Raises ImageError (vanished, unreadable, too_large, refused).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise ImageError("too_large", f"{path}: {size} bytes is over the {max_bytes}-byte limit")
-            data = f.read(max_bytes + 1)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise ImageError("vanished", f"{path}: file no longer exists") from None
-    except IsADirectoryError:
-        raise ImageError("unreadable", f"{path}: is a directory") from None
-    except PermissionError:
-        raise ImageError("unreadable", f"{path}: permission denied") from None
     except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise ImageError("vanished", f"{path}: file no longer exists") from None
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise ImageError("refused", f"{path}: is a symlink; not followed") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ImageError("unreadable", f"{path}: permission denied") from None
         raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
-    if len(data) > max_bytes:
-        raise ImageError("too_large", f"{path}: over the {max_bytes}-byte limit")
-    return data
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("unreadable", f"{path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("unreadable", f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise ImageError("too_large", f"{path}: {st.st_size} bytes is over the {max_bytes}-byte limit")
+        chunks, total = [], 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError as e:
+                raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageError("too_large", f"{path}: over the {max_bytes}-byte limit")
+        return st, b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -131,7 +139,7 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
     """Read and fully decode one image file, or raise ImageError with a reason."""
-    return decode_image(read_bytes(path, max_bytes=max_bytes), name=str(path), max_pixels=max_pixels)
+    return decode_image(read_file(path, max_bytes=max_bytes)[1], name=str(path), max_pixels=max_pixels)
 
 
 def shape_of(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -141,14 +149,26 @@ def shape_of(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(image_size), int(image_size)
 
 
-def to_array(img: Image.Image, *, image_size: int | tuple[int, int], channels: int) -> np.ndarray:
-    """The model's input: float32 (C, H, W) in [0, 1].
+def to_array(
+    img: Image.Image, *, image_size: int | tuple[int, int], channels: int, name: str = "image"
+) -> np.ndarray:
+    """The model's input: float32 (C, H, W) in [0, 1]; ImageError("corrupt") if it will not convert.
 
     Every image is resized to the working size (a square, or (height, width) chosen from the
     training images' aspect ratio), so training and serving see the same geometry; the heat map
     is resized back to the original size for display.
     """
-    height, width = shape_of(image_size)
+    try:
+        return _to_array(img, shape_of(image_size), channels)
+    except ImageError:
+        raise
+    except Exception as e:  # decodes, but will not convert (odd mode, broken palette or metadata):
+        # one file must fail alone, with a reason, in training, `anomon score` and the daemon alike
+        raise ImageError("corrupt", f"{name}: cannot convert ({type(e).__name__}: {e})") from None
+
+
+def _to_array(img: Image.Image, shape: tuple[int, int], channels: int) -> np.ndarray:
+    height, width = shape
     mode = "L" if channels == 1 else "RGB"
     if img.mode not in (mode,):
         if img.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":
@@ -182,7 +202,7 @@ def load_arrays(
         p = Path(p)
         try:
             img = load_image(p, max_pixels=max_pixels)
-            arrays.append(to_array(img, image_size=image_size, channels=channels))
+            arrays.append(to_array(img, image_size=image_size, channels=channels, name=str(p)))
             ok.append(p)
         except ImageError as e:
             failed.append((p, e))

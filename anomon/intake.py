@@ -40,6 +40,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from anomon.config import watch_default
 from anomon.images import is_image_path
 
 log = logging.getLogger("anomon.intake")
@@ -131,10 +132,10 @@ class Intake:
         ignore_patterns: Iterable[str] = (),
         exclude: Iterable[str | os.PathLike[str]] = (),
         polling: bool = False,
-        poll_interval_s: float = 1.0,
-        stable_s: float = 0.5,
-        incomplete_grace_s: float = 10.0,
-        reconcile_interval_s: float = 60.0,
+        poll_interval_s: float = watch_default("poll_interval_s"),
+        stable_s: float = watch_default("stable_s"),
+        incomplete_grace_s: float = watch_default("incomplete_grace_s"),
+        reconcile_interval_s: float = watch_default("reconcile_interval_s"),
         on_rescan: Callable[[str], None] | None = None,
         on_polling: Callable[[bool], None] | None = None,
         observer_factory: ObserverFactory | None = None,

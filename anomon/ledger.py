@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-LEDGER_NAME = "ledger.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +45,7 @@ CREATE TABLE images (
     p_value REAL,
     threshold REAL,
     verdict TEXT NOT NULL CHECK (verdict IN ('normal', 'anomalous', 'error')),
-    reason TEXT,                 -- for verdict = 'error': one of anomon.images.REASONS
+    reason TEXT,                 -- for verdict = 'error': one of anomon.errors.REASONS
     message TEXT,
     arrived_at REAL NOT NULL,    -- unix time the file was first noticed
     scored_at REAL NOT NULL      -- unix time of the verdict
@@ -111,10 +110,6 @@ class Sighting:
     mtime_ns: int
     image_id: int | None = None
     of: Verdict | None = None
-
-
-def ledger_path(state_dir: str | os.PathLike[str]) -> Path:
-    return Path(state_dir) / LEDGER_NAME
 
 
 def _connect(path: Path, *, readonly: bool = False, same_thread: bool = True) -> sqlite3.Connection:

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from anomon import __version__
-from anomon.images import REASONS
+from anomon.errors import REASONS
 
 VERDICTS: tuple[str, ...] = ("normal", "anomalous")
 RELOAD_RESULTS: tuple[str, ...] = ("success", "failure")

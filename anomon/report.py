@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib import pyplot as plt
 
 from anomon.heatmap import save_overlay
-from anomon.images import load_image
+from anomon.scoring import score_items
 
 if TYPE_CHECKING:
     from anomon.calibrate import Evaluation
@@ -51,11 +51,15 @@ def write_report(
     everything += [(float(s), p, "anomalous") for s, p in zip(anomalous_scores, anomalous_paths)]
     everything.sort(key=lambda t: -t[0])
     top = []
-    for rank, (score, path, label) in enumerate(everything[:TOP_HEATMAPS], start=1):
-        img = load_image(path)
-        _, maps = det.score_with_maps(det.preprocess(img)[None])
+    ranked = everything[:TOP_HEATMAPS]
+    for rank, ((score, path, label), rec) in enumerate(
+        zip(ranked, score_items(det, [p for _, p, _ in ranked], heatmaps=True)), start=1
+    ):
+        if rec.error is not None:  # changed on disk since it was scored
+            continue
         png = save_overlay(
-            out / "heatmaps" / f"{rank:02d}_{label}_{path.stem}.png", img, maps[0], vmax=det.heat_vmax, vmin=det.heat_vmin
+            out / "heatmaps" / f"{rank:02d}_{label}_{path.stem}.png", rec.image, rec.heatmap,
+            vmax=det.heat_vmax, vmin=det.heat_vmin,
         )
         top.append({"rank": rank, "path": str(path), "label": label, "score": score, "heatmap": str(png)})
 

@@ -17,31 +17,30 @@ worker finish the batch in hand, and leaves the rest to the next start's rescan.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import functools
 import hashlib
 import logging
 import os
 import queue
 import signal
-import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from anomon.alerts import ANOMALIES_DIR, AnomalyStore, JsonlExporter, WebhookSender
+from anomon import state
+from anomon.alerts import JsonlExporter, WebhookSender
+from anomon.anomalies import AnomalyStore
 from anomon.config import WatchConfig
-from anomon.images import ImageError, decode_image
+from anomon.errors import StartupError
+from anomon.heap import HeapTrimmer
+from anomon.images import ImageError, read_file
 from anomon.intake import Candidate, Intake
-from anomon.ledger import Ledger, LedgerError, Sighting, Verdict, is_seen, ledger_path, open_readonly
+from anomon.ledger import Ledger, LedgerError, Sighting, Verdict, is_seen, open_readonly
 from anomon.logs import setup_logging
 from anomon.metrics import Metrics
+from anomon.scoring import Prepared, decode, records
+from anomon.systemd import sd_notify, watchdog_interval
 from anomon.web import WebServer
 
 log = logging.getLogger("anomon.service")
@@ -52,53 +51,20 @@ HEALTHY_BEAT_S = 120.0
 _MAYBE_INCOMPLETE = ("empty", "truncated")
 
 
-class StartupError(Exception):
-    """The daemon cannot start; one line for the user (the CLI prints `anomon: error: ...`)."""
-
-
-# ------------------------------------------------------------------------------ systemd notify
-
-
-def sd_notify(message: str) -> bool:
-    """Send one sd_notify(3) datagram if NOTIFY_SOCKET is set; plain socket, no dependency."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):  # abstract namespace
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
-        return False
-
-
-def _watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec (as systemd advises), or every 10 s if only notify is set."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return None
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    pid = os.environ.get("WATCHDOG_PID", "")
-    if pid and pid != str(os.getpid()):
-        return None
-    return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 10.0
-
-
 # ------------------------------------------------------------------------------ reading one file
 
 
 @dataclass
 class _Scorable:
+    """A file read once: its stat and bytes (hashed, kept for the anomaly copy) and the decoded
+    image, ready for the scoring path."""
+
     cand: Candidate
     size: int
     mtime_ns: int
     sha256: str
     data: bytes
-    x: np.ndarray
-    img: Any
+    prepared: Prepared
 
 
 def _error(cand: Candidate, reason: str, message: str, st: os.stat_result | None = None,
@@ -109,44 +75,6 @@ def _error(cand: Candidate, reason: str, message: str, st: os.stat_result | None
                    sha256=sha256)
 
 
-def read_file(path: str, max_bytes: int) -> tuple[os.stat_result, bytes]:
-    """Read a whole regular file without following a final symlink and without blocking on a FIFO.
-
-    Raises ImageError (vanished, unreadable, too_large, refused). The stat is the opened file's
-    own, so it describes exactly the bytes returned.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ImageError("vanished", f"{path}: deleted before it could be scored") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise ImageError("refused", f"{path}: became a symlink; not followed") from None
-        raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("unreadable", f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise ImageError("too_large", f"{path}: {st.st_size} bytes is over the {max_bytes}-byte limit")
-        chunks, total = [], 0
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except OSError as e:
-                raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageError("too_large", f"{path}: over the {max_bytes}-byte limit")
-        return st, b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------ the service
 
 
@@ -154,7 +82,7 @@ class Service:
     def __init__(self, cfg: WatchConfig) -> None:
         self.cfg = cfg
         self.state = Path(cfg.state).absolute()
-        self.ledger_file = ledger_path(self.state)
+        self.ledger_file = state.ledger_path(self.state)
         self.detector: Any = None
         self.ledger: Ledger | None = None
         self.metrics: Metrics | None = None
@@ -181,22 +109,11 @@ class Service:
         for d in cfg.watch:
             if not Path(d).is_dir():
                 raise StartupError(f"watch folder not found (or not a folder): {d}")
-        try:
-            self.state.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StartupError(f"cannot create state folder {self.state}: {e.strerror or e}") from None
-        self._lock_state()
-        try:
-            self.ledger = Ledger.open(self.ledger_file)
-        except LedgerError as e:
-            raise StartupError(str(e)) from None
 
-        from anomon.detector import BundleError, Detector  # torch: imported after cheap checks
+        # The model and the port first: a start that fails on either leaves no state behind.
+        from anomon.detector import Detector  # torch: imported after the cheap checks
 
-        try:
-            self.detector = Detector.load(cfg.model, device=cfg.device)
-        except BundleError as e:
-            raise StartupError(str(e)) from None
+        self.detector = Detector.load(cfg.model, device=cfg.device)  # BundleError: one line
         self._model_stat = self._stat_model()
         det = self.detector
         self.metrics = m = Metrics(det.threshold_)
@@ -204,15 +121,27 @@ class Service:
         log.info("model %s loaded from %s (threshold %.5g, %s px, %d channel(s))", det.model_id,
                  cfg.model, det.threshold_, det.size_label, det.channels,
                  extra={"model_id": det.model_id})
-        if cfg.anomalies_dir:
-            self.anomalies = AnomalyStore(self.state / ANOMALIES_DIR, cfg.anomalies_max_bytes)
-            import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
-
         try:
             self.web = WebServer(cfg.host, cfg.port, registry=m.registry, ready=self.ready_checks,
                                  healthy=self.healthy, ledger_file=self.ledger_file)
         except OSError as e:
             raise StartupError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
+
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot create state folder {self.state}: {e.strerror or e}") from None
+        try:
+            self._lock_fd = state.lock(self.state)
+        except state.StateInUse as e:
+            raise StartupError(str(e)) from None
+        try:
+            self.ledger = Ledger.open(self.ledger_file)
+        except LedgerError as e:
+            raise StartupError(str(e)) from None
+        if cfg.anomalies_dir:
+            self.anomalies = AnomalyStore(self.state / state.ANOMALIES_DIR, cfg.anomalies_max_bytes)
+            import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
         self.web.start()
         log.info("serving /metrics /healthz /readyz /alerts on http://%s:%d", cfg.host, self.web.port)
 
@@ -242,21 +171,6 @@ class Service:
                 on_result=lambda r: m.webhook_deliveries.labels(result=r).inc()))
         for e in self.exporters:
             e.start()
-
-    def _lock_state(self) -> None:
-        """One daemon per state folder: two would both score and alert every image."""
-        path = self.state / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(f"state folder {self.state} is in use by another anomon watch "
-                               f"(pid {other})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
 
     def _seen_checker(self):
         """`is_seen` for the intake thread, on that thread's own read-only connection."""
@@ -298,7 +212,7 @@ class Service:
 
     def run_forever(self) -> None:
         assert self.metrics is not None and self.intake is not None
-        ping_every = _watchdog_interval()
+        ping_every = watchdog_interval()
         next_ping = 0.0
         while not self._stop.wait(0.25):
             if not self._ready_sent and self.is_ready():
@@ -320,12 +234,15 @@ class Service:
     def request_reload(self) -> None:
         self._reload.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, started: bool = True) -> None:
         """Stop intake, let the worker finish the batch in hand, stop the exporters and HTTP; all
-        within stop_timeout_s. Images still queued are not lost: the next start's rescan has them."""
+        within stop_timeout_s. Images still queued are not lost: the next start's rescan has them.
+        After a failed start (`started=False`) it only releases what was opened, silently: the
+        user reads the one error line, not a "stopped" story about a daemon that never ran."""
         deadline = time.monotonic() + self.cfg.stop_timeout_s - 0.5
         self._stop.set()
-        sd_notify("STOPPING=1")
+        if started:
+            sd_notify("STOPPING=1")
         left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
         if self.intake is not None:
             self.intake.stop(timeout=min(2.0, left()))
@@ -339,7 +256,10 @@ class Service:
             e.stop(timeout=min(2.0, left()))
         if self.web is not None:
             self.web.stop()
-        log.info("stopped; %d image(s) left waiting are scored at the next start", self.queue.qsize())
+        if self.ledger is not None:
+            self.ledger.close()
+        if started:
+            log.info("stopped; %d image(s) left waiting are scored at the next start", self.queue.qsize())
 
     # -- model reloads -----------------------------------------------------------------------
 
@@ -390,7 +310,7 @@ class Service:
 
     def _work(self) -> None:
         writer = self.ledger.reopen()  # type: ignore[union-attr]  # this thread's own connection
-        heap = _HeapTrimmer()  # trimmed here, between batches, never while this thread allocates
+        heap = HeapTrimmer()  # trimmed here, between batches, never while this thread allocates
         try:
             while not self._worker_stop.is_set():
                 self._worker_beat = time.monotonic()
@@ -460,20 +380,17 @@ class Service:
             verdicts.append(v)
 
         if scorable:
-            X = np.stack([s.x for s in scorable])
-            scores, maps = det.score_with_maps(X)
-            pvals = det.p_values(scores)
             now = time.time()
-            for s, score, amap, p in zip(scorable, scores, maps, pvals):
+            for s, r in zip(scorable, records(det, [s.prepared for s in scorable], heatmaps=True)):
                 v = in_batch[(s.cand.path, s.sha256)]
-                v.score, v.p_value, v.scored_at = float(score), float(p), now
-                if float(score) > det.threshold_:
+                v.score, v.p_value, v.scored_at = r.score, r.p_value, now
+                if r.anomalous:
                     v.verdict = "anomalous"
                     if self.anomalies is not None:
                         try:
                             v.anomaly_image, v.heatmap = self.anomalies.save(
-                                s.cand.path, s.sha256, s.data, s.img, amap, vmax=det.heat_vmax,
-                                vmin=det.heat_vmin)
+                                s.cand.path, s.sha256, s.data, s.prepared.image, r.heatmap,
+                                vmax=det.heat_vmax, vmin=det.heat_vmin)
                         except Exception as e:  # a full disk must not cost the verdict
                             log.error("could not keep a copy of %s: %s", s.cand.path, e)
         elapsed = time.perf_counter() - t0
@@ -515,7 +432,8 @@ class Service:
         exact file state (queued twice, or found again by a rescan)."""
         if cand.refused is None:
             try:
-                st, data = read_file(cand.path, self.cfg.max_bytes)
+                # Not following a final symlink: a watched file must not lead out of the folder.
+                st, data = read_file(cand.path, max_bytes=self.cfg.max_bytes, follow_symlinks=False)
             except ImageError as e:
                 reason, message = e.reason, str(e)
             else:
@@ -535,82 +453,14 @@ class Service:
         """The model's input; an error row; or None when the file looks unfinished (handed back
         to intake, which judges it as it is only if it stays unchanged for the grace period)."""
         try:
-            img = decode_image(data, name=cand.path, max_pixels=self.cfg.max_pixels)
-            x = det.preprocess(img)
+            prepared = decode(det, data, cand.path, max_pixels=self.cfg.max_pixels)
         except ImageError as e:
             if e.reason in _MAYBE_INCOMPLETE and not cand.final:
                 self.intake.defer(cand, st.st_size, st.st_mtime_ns)  # type: ignore[union-attr]
                 log.debug("looks unfinished, waiting for the writer: %s", cand.path)
                 return None
             return _error(cand, e.reason, str(e), st, sha)
-        except Exception as e:  # decodes, but will not convert (odd mode, broken metadata...):
-            # one bad file must never fail the batch it is in, again at every rescan
-            return _error(cand, "corrupt", f"{cand.path}: cannot convert ({type(e).__name__}: {e})",
-                          st, sha)
-        return _Scorable(cand, st.st_size, st.st_mtime_ns, sha, data, x, img)
-
-
-# ------------------------------------------------------------------------------ memory
-
-
-TRIM_EVERY_S = 10.0  # under sustained load
-IDLE_TRIM_S = 1.0  # once the queue has been empty this long after a batch
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def trim_heap() -> bool:
-    """Give freed heap memory back to the OS; keeps the daemon's RSS flat over months.
-
-    Each batch allocates and frees tens of MB of activations on the scoring thread, and glibc keeps
-    such freed blocks in fragmented per-thread heaps: measured with bench/daemon_throughput.py,
-    RSS grew from 561 to 1,012 MB over 13,000 images. Fixing the mmap threshold at 1 MiB kept it
-    flat but cost 20-25% of the throughput (every batch faulted its buffers in again); trimming
-    now and then costs one such refill each time.
-    """
-    trim = _malloc_trim()
-    return trim is not None and trim(0) >= 0
-
-
-class _HeapTrimmer:
-    """When the scoring thread trims: after a burst, and every TRIM_EVERY_S while one lasts.
-
-    Trimming once the queue has been empty for a second hands a burst's buffers back as soon as it
-    is over (so the resting size does not depend on when a timer last fired: trimming every 10 s
-    from the main loop left the resting RSS anywhere in a 500-610 MB band), yet a steady
-    trickle of images, which empties the queue between batches for less than a second, does not
-    pay for faulting the buffers in again before every image.
-    """
-
-    def __init__(self) -> None:
-        self.last_batch = self.last_trim = time.monotonic()
-        self.dirty = False
-
-    def scored(self) -> None:
-        self.last_batch = time.monotonic()
-        self.dirty = True
-        if self.last_batch - self.last_trim >= TRIM_EVERY_S:
-            self._trim()
-
-    def idle(self) -> None:
-        if self.dirty and time.monotonic() - self.last_batch >= IDLE_TRIM_S:
-            self._trim()
-
-    def _trim(self) -> None:
-        trim_heap()
-        self.last_trim = time.monotonic()
-        self.dirty = False
+        return _Scorable(cand, st.st_size, st.st_mtime_ns, sha, data, prepared)
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -636,8 +486,8 @@ def run(cfg: WatchConfig) -> int:
         svc.start()
         log.info("started in %.1f s", time.monotonic() - t_start)
         svc.run_forever()
-    except StartupError:
-        svc.shutdown()
+    except Exception:
+        svc.shutdown(started=False)
         raise
     svc.shutdown()
     return 0

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from anomon.ledger import LedgerError, ledger_path, open_readonly, verdict_rows
+from anomon.ledger import LedgerError, open_readonly, verdict_rows
+from anomon.state import ledger_path
 
 FIELDS = ["id", "scored", "verdict", "score", "p_value", "threshold", "reason", "model_id", "path",
           "arrived", "size", "sha256", "message"]

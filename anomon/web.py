@@ -65,7 +65,8 @@ class WebServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for a serve_forever that never began otherwise
+            self._httpd.shutdown()
         self._httpd.server_close()
 
 

@@ -179,7 +179,8 @@ class Daemon(DaemonProcess):
         """Start, wait for /readyz, open the ledger read-only; returns the seconds to ready."""
         t0 = time.monotonic()
         self.start(timeout=timeout)
-        from anomon.ledger import ledger_path, open_readonly
+        from anomon.ledger import open_readonly
+        from anomon.state import ledger_path
 
         self.conn = open_readonly(ledger_path(self.state))
         return time.monotonic() - t0
@@ -257,17 +258,16 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
 
 
 def ceiling(model: Path, files: list[Path], batch_size: int) -> float:
-    """Images/s of read + decode + preprocess + batched score_with_maps, in this process."""
+    """Images/s of the daemon's scoring path (anomon.scoring: read, decode, preprocess, one batched
+    forward pass with maps), in this process, without intake or the ledger."""
     from anomon.detector import Detector
-    from anomon.images import decode_image, read_bytes
+    from anomon.scoring import prepare, records
 
     det = Detector.load(model, device="cpu")
-    warm = [det.preprocess(decode_image(read_bytes(p))) for p in files[:batch_size]]
-    det.score_with_maps(np.stack(warm))  # first-call allocations are not what is measured
+    records(det, [prepare(det, p) for p in files[:batch_size]], heatmaps=True)  # first-call allocations
     t0 = time.perf_counter()
     for i in range(0, len(files), batch_size):
-        X = np.stack([det.preprocess(decode_image(read_bytes(p), name=str(p))) for p in files[i : i + batch_size]])
-        det.score_with_maps(X)
+        records(det, [prepare(det, p) for p in files[i : i + batch_size]], heatmaps=True)
     return len(files) / (time.perf_counter() - t0)
 
 
@@ -275,14 +275,14 @@ def single_image_s(model: Path, files: list[Path], n: int = 30) -> float:
     """Median time to read, decode and score ONE image (a batch of one), in this process: the floor
     under the daemon's intake latency when images arrive one at a time."""
     from anomon.detector import Detector
-    from anomon.images import decode_image, read_bytes
+    from anomon.scoring import prepare, records
 
     det = Detector.load(model, device="cpu")
-    det.score_with_maps(det.preprocess(decode_image(read_bytes(files[0])))[None])
+    records(det, [prepare(det, files[0])], heatmaps=True)
     times = []
     for p in files[:n]:
         t0 = time.perf_counter()
-        det.score_with_maps(det.preprocess(decode_image(read_bytes(p)))[None])
+        records(det, [prepare(det, p)], heatmaps=True)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 

@@ -161,3 +161,40 @@ def test_training_cut_by_its_budget_says_so_everywhere(images, tmp_path: Path) -
     r = run("evaluate", out, "--normal", images["normal"], "--anomalous", images["anomalous"], "--report", tmp_path / "rep")
     assert "WARNING: training was cut short" in r.stdout
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["warnings"]
+
+
+def test_calibrating_or_evaluating_on_the_training_folder_is_flagged(tiny_bundle: Path, images, tmp_path: Path) -> None:
+    trained_on = tiny_bundle.parent / "data"
+    r = run("calibrate", tiny_bundle, trained_on, "-o", tmp_path / "re.anomon", "--target-fpr", "0.2")
+    assert "WARNING" in r.stderr and "training folder" in r.stderr, r.stderr
+    r = run("evaluate", tiny_bundle, "--normal", trained_on, "--anomalous", images["anomalous"])
+    assert "WARNING" in r.stderr and "training folder" in r.stderr, r.stderr
+    r = run("evaluate", tiny_bundle, "--normal", images["normal"], "--anomalous", images["anomalous"])
+    assert "WARNING" not in r.stderr, r.stderr  # held-out images: nothing to warn about
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["verdicts", "--state", "{tmp}"], ["watch", "--help"]])
+def test_light_commands_do_not_import_torch(argv: list[str], tmp_path: Path) -> None:
+    """They start in a fraction of a second: no torch, scikit-learn or matplotlib behind them."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code = ("import sys\nfrom anomon.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'sklearn', 'matplotlib') if m in sys.modules))" % argv)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY []", r.stdout + r.stderr
+
+
+def test_every_flag_of_every_command_is_explained() -> None:
+    """`--help` is the manual: each command has a description or help line, each flag a help text,
+    and `watch --help` names the endpoints, the signals and what log_format = auto does."""
+    import argparse
+
+    from anomon.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help, f"anomon {name}: {'/'.join(action.option_strings) or action.dest} has no help"
+    text = sub.choices["watch"].format_help()
+    for needle in ("/metrics", "/healthz", "/readyz", "/alerts", "SIGHUP", "SIGTERM", "log_format", "deploy/anomon.toml"):
+        assert needle in text, needle

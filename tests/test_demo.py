@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from anomon.demo import DemoError, find_sample_data, split_normals
-from anomon.ledger import counts, ledger_path, open_readonly
+from anomon.ledger import counts, open_readonly
+from anomon.state import ledger_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = [sys.executable, "-m", "anomon", "demo"]

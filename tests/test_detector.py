@@ -176,10 +176,11 @@ def test_non_square_photos_keep_their_shape(photo_detector) -> None:
         assert 26 <= y < 46 and 56 <= x < 74, (y, x)
 
 
-def test_photo_score_is_gradient_plus_code(photo_detector) -> None:
-    """Large images score the gradient and code views, half each; the others can be scored alone."""
+def test_photo_score_is_local_gradient_and_code(photo_detector) -> None:
+    """Large images score gradient and code at half weight each, local at a quarter; the others
+    can be scored alone."""
     det, normal, anomalous = photo_detector
-    assert det.view_weights_.tolist() == [0.0, 0.0, 0.5, 0.5]
+    assert det.view_weights_.tolist() == [0.0, 0.25, 0.5, 0.5]
     _each_kind_separates(det, normal, anomalous, ("mean", "local", "gradient", "mean+local"))
 
 

@@ -88,3 +88,42 @@ def test_iter_image_files_recursive_sorted_skips_hidden(tmp_path: Path, good_png
         p.write_bytes(good_png)
     names = [str(p.relative_to(tmp_path)) for p in iter_image_files(tmp_path)]
     assert names == ["a.JPG", "b.png", "sub/c.tif"]
+
+
+def test_read_file_rules(tmp_path: Path, good_png: bytes) -> None:
+    """The one safe read: regular files only, a FIFO never blocks, a final symlink only when asked."""
+    import os
+
+    from anomon.images import read_file
+
+    p = tmp_path / "a.png"
+    p.write_bytes(good_png)
+    st, data = read_file(p)
+    assert data == good_png and st.st_size == len(good_png)
+    link = tmp_path / "link.png"
+    link.symlink_to(p)
+    assert read_file(link)[1] == good_png  # a path a user names may be a link they made
+    with pytest.raises(ImageError) as e:
+        read_file(link, follow_symlinks=False)  # the daemon's rule
+    assert e.value.reason == "refused"
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError) as e:
+        read_file(fifo)  # returns at once: nobody is writing
+    assert e.value.reason == "unreadable"
+    with pytest.raises(ImageError) as e:
+        read_file(p, max_bytes=10)
+    assert e.value.reason == "too_large"
+
+
+def test_a_mode_that_will_not_convert_is_corrupt_not_a_crash() -> None:
+    """Training, `anomon score` and the daemon all get a reason, not a traceback."""
+    img = Image.new("P", (8, 8))
+
+    def fail(*a: object, **k: object) -> Image.Image:
+        raise ValueError("conversion not supported")  # what Pillow says for some odd modes
+
+    img.convert = fail  # type: ignore[method-assign]
+    with pytest.raises(ImageError) as e:
+        to_array(img, image_size=8, channels=1, name="odd.png")
+    assert e.value.reason == "corrupt" and "odd.png" in str(e.value)

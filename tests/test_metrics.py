@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from anomon.images import REASONS
+from anomon.daemon_process import parse_metrics
+from anomon.errors import REASONS
 from anomon.metrics import SCORE_BUCKET_FACTORS, Metrics, score_buckets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +28,7 @@ REQUIRED = {
 
 
 def _samples(m: Metrics) -> dict[str, float]:
-    out = {}
-    for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return parse_metrics(generate_latest(m.registry).decode())
 
 
 def test_every_required_metric_is_declared_with_type_and_help() -> None:

@@ -479,6 +479,32 @@ def test_bad_configuration_and_corrupt_state_fail_at_start_with_one_line(
     assert (zero_state / "ledger.sqlite3").read_bytes() == b""  # never silently replaced
 
 
+def test_a_start_that_fails_says_one_thing_and_leaves_no_state(tiny_model: TinyModel, tmp_path: Path) -> None:
+    """A bad model or a busy port: one error line, no "stopped; 0 image(s) left waiting" story about a
+    daemon that never ran, and no state folder or ledger left behind to puzzle the next start."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    broken = tmp_path / "broken.anomon"
+    broken.write_bytes(tiny_model.path.read_bytes()[:500])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {
+            "model": (["--model", str(broken), "--listen", f"127.0.0.1:{free_port()}"], "broken.anomon"),
+            "port": (["--model", str(tiny_model.path), "--listen", f"127.0.0.1:{port}"], "cannot listen"),
+        }
+        for name, (args, needle) in cases.items():
+            state = tmp_path / f"state-{name}"
+            r = subprocess.run(ANOMON + ["watch", "--watch", str(watch), "--state", str(state)] + args,
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+            assert r.returncode == 2, r.stderr
+            errors = [x for x in r.stderr.splitlines() if x.startswith("anomon: error:")]
+            assert len(errors) == 1 and needle in errors[0], r.stderr
+            assert "stopped" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert not state.exists(), (name, list(state.iterdir()))
+
+
 # -- webhook -------------------------------------------------------------------------------------------
 
 
@@ -518,39 +544,3 @@ def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory
     d.wait_for(lambda: len(rx.delivered()) == 4, 15, "delivery after the dead letter")
     assert d.stop() == 0
     rx.close()
-
-
-def test_heap_trim_is_available_on_glibc() -> None:
-    """The daemon trims glibc's heaps periodically (see trim_heap for the measurement)."""
-    import platform
-
-    from anomon.service import trim_heap
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    assert trim_heap() is True
-
-
-def test_heap_is_trimmed_after_a_burst_and_periodically_under_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trim once the queue has been idle a while, and every TRIM_EVERY_S while a burst lasts, never
-    between the batches of a steady trickle (each trim makes the next batch fault its buffers in)."""
-    from anomon import service
-
-    clock = [1000.0]
-    trims: list[float] = []
-    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(service, "trim_heap", lambda: trims.append(clock[0]) or True)
-    heap = service._HeapTrimmer()
-
-    heap.idle()
-    assert trims == []  # nothing scored yet: nothing to give back
-    for _ in range(30):  # a trickle: a batch every 0.5 s, the queue briefly empty between them
-        clock[0] += 0.25
-        heap.scored()
-        clock[0] += 0.25
-        heap.idle()
-    assert trims == [1010.25]  # only the periodic trim, at the first batch 10 s after the start
-    clock[0] += service.IDLE_TRIM_S
-    heap.idle()
-    heap.idle()
-    assert trims == [1010.25, 1015.0 + service.IDLE_TRIM_S]  # the burst is over: once, not again
