@@ -42,12 +42,8 @@ metadata, so training and serving can never disagree. Its `model_id` is a hash o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import struct
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,11 +53,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch.nn import functional as F
 
-from anomon import __version__
+from anomon import __version__, bundle
 from anomon.calibrate import ConformalThreshold, exceeds
 from anomon.config import TrainConfig
 from anomon.calibrate import p_values as conformal_p_values
@@ -72,8 +66,6 @@ from anomon.train import TrainResult, fit_autoencoder, pick_device, seed_everyth
 
 log = logging.getLogger("anomon.detector")
 
-BUNDLE_FORMAT = 1
-MAX_BUNDLE_BYTES = 2 * 1024**3
 ScoreKind = Literal["mean", "local", "latent", "gradient", "code", "mean+local", "all"]
 SCORE_KINDS: tuple[str, ...] = ("mean", "local", "latent", "gradient", "code", "mean+local", "all")
 # Which views each single-purpose score kind reads; "all" reads every view the model has.
@@ -476,7 +468,7 @@ class Detector:
 
     def _meta(self) -> dict[str, Any]:
         return {
-            "format": BUNDLE_FORMAT,
+            "format": bundle.BUNDLE_FORMAT,
             "architecture": dict(self.model_.config),
             # A square size stays one number (the format of bundles before non-square sizes).
             "preprocessing": {
@@ -500,82 +492,32 @@ class Detector:
             },
         }
 
-    @staticmethod
-    def _content_id(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
-        """Hash of everything that decides a verdict: weights, statistics, preprocessing, score,
-        threshold. Timestamps and timings are left out, so the same seed on the same data gives
-        the same id, and recalibrating to a new threshold gives a new one."""
-        decisive = {k: v for k, v in meta.items() if k != "training"}
-        decisive["calibration"] = {k: v for k, v in meta["calibration"].items() if k != "calibrated_at"}
-        h = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode())
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(name.encode())
-            h.update(str(t.dtype).encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()[:16]
-
     @property
     def model_id(self) -> str:
         self._check_fitted()
         if getattr(self, "_model_id", None) is None:
-            self._model_id = self._content_id(self._meta(), self._tensors())
+            self._model_id = bundle.content_id(self._meta(), self._tensors())
         return self._model_id
 
     def to_bytes(self) -> bytes:
         self._check_fitted()
-        meta = self._meta()
-        tensors = self._tensors()
-        model_id = self._content_id(meta, tensors)
-        self._model_id = model_id
-        return st_save(tensors, metadata={"anomon": json.dumps(meta, sort_keys=True), "model_id": model_id})
+        data, self._model_id = bundle.dumps(self._meta(), self._tensors())
+        return data
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the bundle atomically (temp file, fsync, rename, fsync dir); returns model_id."""
-        data = self.to_bytes()
-        atomic_write(Path(path), data)
+        bundle.atomic_write(Path(path), self.to_bytes())
         return self.model_id
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> Detector:
-        path = Path(path)
-        try:
-            size = path.stat().st_size
-            if size > MAX_BUNDLE_BYTES:
-                raise BundleError(f"{path}: {size} bytes is too large for a model bundle")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BundleError(f"model file not found: {path}") from None
-        except IsADirectoryError:
-            raise BundleError(f"model path is a directory, not a file: {path}") from None
-        except OSError as e:
-            raise BundleError(f"cannot read model file {path}: {e.strerror or e}") from None
-        return cls.from_bytes(data, name=str(path), device=device)
+        return cls.from_bytes(bundle.read(path), name=str(path), device=device)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "<bytes>", device: str = "auto") -> Detector:
-        header = _safetensors_metadata(data, name)
-        if "anomon" not in header or "model_id" not in header:
-            raise BundleError(f"{name}: not an anomon model bundle (no anomon metadata)")
+        meta, tensors, model_id = bundle.loads(data, name)
         try:
-            meta = json.loads(header["anomon"])
-            fmt = int(meta["format"])
-        except (ValueError, KeyError, TypeError):
-            raise BundleError(f"{name}: not an anomon model bundle (unreadable metadata)") from None
-        if fmt > BUNDLE_FORMAT:
-            raise BundleError(
-                f"{name}: bundle format {fmt} is newer than this anomon {__version__} supports "
-                f"(format {BUNDLE_FORMAT}); upgrade anomon to load it"
-            )
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises its own error types on corrupt data
-            raise BundleError(f"{name}: corrupt model bundle ({e})") from None
-        if cls._content_id(meta, tensors) != header["model_id"]:
-            raise BundleError(f"{name}: model bundle failed its integrity check (modified or corrupted)")
-        try:
-            return cls._from_parts(meta, tensors, header["model_id"], device)
+            return cls._from_parts(meta, tensors, model_id, device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise BundleError(f"{name}: model bundle is inconsistent ({type(e).__name__}: {e})") from None
 
@@ -643,47 +585,6 @@ class Detector:
         return meta
 
 
-def _safetensors_metadata(data: bytes, name: str) -> dict[str, str]:
-    """Read the safetensors header's metadata without loading tensors (8-byte length + JSON)."""
-    if len(data) < 8:
-        raise BundleError(f"{name}: not an anomon model bundle (file too short)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100 * 1024 * 1024:
-        raise BundleError(f"{name}: not an anomon model bundle (bad header)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError):
-        raise BundleError(f"{name}: not an anomon model bundle (bad header)") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{name}: not an anomon model bundle (no metadata)")
-    return meta
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder: never a half file."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def holdout_size(n: int, share: float) -> int:
     """Images held out of training to standardise the views and calibrate: `share` of n, at least 1.
 
@@ -719,4 +620,4 @@ def auto_image_size(sizes: list[tuple[int, int]], cap: int) -> int | tuple[int, 
     return height, width
 
 
-__all__ = ["Detector", "BundleError", "NotFittedError", "atomic_write", "auto_image_size", "default_pool", "holdout_size"]
+__all__ = ["Detector", "BundleError", "NotFittedError", "auto_image_size", "default_pool", "holdout_size"]
