@@ -335,6 +335,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     cfg = load_watch_config(Path(args.config) if args.config else None, {
         "model": args.model, "watch": args.watch, "state": args.state, "listen": args.listen,
         "device": args.device, "polling": True if args.polling else None,
+        "new_ledger": True if args.new_ledger else None,
     })
     return run(cfg)
 
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--listen", metavar="HOST:PORT", help="HTTP address of the endpoints below" + _d(WATCH_DEFAULTS["listen"].default))
     w.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto = CUDA when present" + _d(WATCH_DEFAULTS["device"].default))
     w.add_argument("--polling", action="store_true", help="poll the folders instead of inotify (network shares)")
+    w.add_argument("--new-ledger", action="store_true", help="start a new ledger in a state folder whose ledger is missing (every image already there is scored and alerted again)")
     w.set_defaults(func=cmd_watch, setup_logging=False)  # the daemon sets up its own (JSON) logging
 
     v = sub.add_parser("verdicts", help="list the verdicts a daemon's ledger holds",

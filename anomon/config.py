@@ -59,6 +59,9 @@ class WatchConfig(BaseModel):
     model: Path
     watch: list[Path] = Field(min_length=1)
     state: Path = Path("anomon-state")
+    # A state folder that has held a ledger (alerts.jsonl, anomalies/ ...) but has none now is
+    # refused: starting afresh would score and alert every image again. True = start afresh anyway.
+    new_ledger: bool = False
     listen: str = "127.0.0.1:9108"
     device: Device = "auto"
 

@@ -138,7 +138,7 @@ class Ledger:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, check: bool = True) -> Ledger:
+    def open(cls, path: str | os.PathLike[str], *, check: bool = True, new_ledger: bool = False) -> Ledger:
         """Open (or create, if absent) the ledger at `path`; refuse anything we cannot trust."""
         path = Path(path)
         existed = path.exists()

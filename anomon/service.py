@@ -136,7 +136,7 @@ class Service:
         except state.StateInUse as e:
             raise StartupError(str(e)) from None
         try:
-            self.ledger = Ledger.open(self.ledger_file)
+            self.ledger = Ledger.open(self.ledger_file, new_ledger=cfg.new_ledger)
         except LedgerError as e:
             raise StartupError(str(e)) from None
         if cfg.anomalies_dir:
