@@ -40,10 +40,11 @@ REASONS: tuple[str, ...] = (
 class ImageError(UserError):
     """An image that cannot be scored; `reason` is one of REASONS."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, errno: int | None = None) -> None:
         assert reason in REASONS, reason
         super().__init__(message)
         self.reason = reason
+        self.errno = errno  # the OS error behind an "unreadable", so callers can tell transient ones
 
 
 class StartupError(UserError):

@@ -33,8 +33,11 @@ def trim_heap() -> bool:
     flat but cost 20-25% of the throughput (every batch faulted its buffers in again); trimming
     now and then costs one such refill each time.
     """
-    trim = _malloc_trim()
-    return trim is not None and trim(0) >= 0
+    try:
+        trim = _malloc_trim()
+        return trim is not None and trim(0) >= 0
+    except Exception:  # find_library runs subprocesses and temp files: EMFILE, ENOMEM...
+        return False
 
 
 class HeapTrimmer:
@@ -50,6 +53,7 @@ class HeapTrimmer:
     def __init__(self) -> None:
         self.last_batch = self.last_trim = time.monotonic()
         self.dirty = False
+        _malloc_trim()  # found now, while files can be opened, not in the middle of a crisis
 
     def scored(self) -> None:
         self.last_batch = time.monotonic()

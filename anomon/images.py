@@ -75,8 +75,8 @@ def read_file(
         if e.errno == errno.ELOOP and not follow_symlinks:
             raise ImageError("refused", f"{path}: is a symlink; not followed") from None
         if e.errno in (errno.EACCES, errno.EPERM):
-            raise ImageError("unreadable", f"{path}: permission denied") from None
-        raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
+            raise ImageError("unreadable", f"{path}: permission denied", errno=e.errno) from None
+        raise ImageError("unreadable", f"{path}: {e.strerror or e}", errno=e.errno) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -90,7 +90,7 @@ def read_file(
             try:
                 chunk = os.read(fd, 1 << 20)
             except OSError as e:
-                raise ImageError("unreadable", f"{path}: {e.strerror or e}") from None
+                raise ImageError("unreadable", f"{path}: {e.strerror or e}", errno=e.errno) from None
             if not chunk:
                 break
             chunks.append(chunk)

@@ -219,6 +219,13 @@ class Ledger:
     def is_seen(self, path: str, size: int, mtime_ns: int) -> bool:
         return is_seen(self._conn, path, size, mtime_ns)
 
+    def last_error(self, path: str) -> str | None:
+        """The reason of the path's latest row if that row is an error (else None): a file that
+        stays unreadable is recorded once, not at every retry."""
+        row = self._conn.execute(
+            "SELECT verdict, reason FROM images WHERE path = ? ORDER BY id DESC LIMIT 1", (path,)).fetchone()
+        return str(row[1]) if row and row[0] == "error" else None
+
     def find(self, path: str, sha256: str) -> int | None:
         """The id of the image with these bytes at this path, if any."""
         row = self._conn.execute(

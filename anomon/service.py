@@ -17,6 +17,7 @@ worker finish the batch in hand, and leaves the rest to the next start's rescan.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -49,6 +50,14 @@ log = logging.getLogger("anomon.service")
 # images on a slow CPU can take a while; a wedged worker takes forever.
 HEALTHY_BEAT_S = 120.0
 _MAYBE_INCOMPLETE = ("empty", "truncated")
+_WRITTEN = ("close", "move")  # Candidate.via values that prove the file was just written
+# Read errors that say nothing about the file: the process or the machine is short of something.
+# Never recorded; the file is tried again after incomplete_grace_s (and at every rescan).
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
+                        errno.EBUSY, errno.ENOBUFS})
+# Errors that may clear up (an operator fixes the permissions): recorded once, as "unreadable",
+# without marking the file's state seen, so every rescan tries it again and a fixed file is scored.
+_RETRIED = frozenset({errno.EACCES, errno.EPERM})
 
 
 # ------------------------------------------------------------------------------ reading one file
@@ -335,7 +344,10 @@ class Service:
                 finally:
                     for c in batch:
                         self.intake.done(c.path)  # type: ignore[union-attr]
+                try:
                     heap.scored()
+                except Exception:  # trimming is a nicety; it must never end the scoring thread
+                    log.exception("heap trim failed")
         finally:
             writer.close()
 
@@ -355,7 +367,7 @@ class Service:
             if isinstance(got, Verdict):
                 verdicts.append(got)
                 continue
-            st, data = got
+            st, data, seen_state = got
             sha = hashlib.sha256(data).hexdigest()
             # Identity first, decoding second: same path + same bytes is a duplicate whatever
             # the bytes are (a corrupt file copied in twice is one error, not two).
@@ -364,6 +376,8 @@ class Service:
             if earlier is not None or existing is not None:
                 if earlier is not None and (earlier.size, earlier.mtime_ns) == (st.st_size, st.st_mtime_ns):
                     continue  # the same file queued twice: not a duplicate, just once
+                if seen_state:
+                    continue  # written again with the bytes it had: nothing new, nothing to count
                 sightings.append(Sighting(cand.path, st.st_size, st.st_mtime_ns, existing, of=earlier))
                 continue
             item = self._decode(det, cand, st, sha, data)
@@ -427,17 +441,28 @@ class Service:
             for e in self.exporters:
                 e.notify()
 
-    def _read(self, led: Ledger, cand: Candidate) -> tuple[os.stat_result, bytes] | Verdict | None:
-        """The file's stat and bytes; an error row; or None if the ledger already covers this
-        exact file state (queued twice, or found again by a rescan)."""
+    def _read(self, led: Ledger, cand: Candidate) -> tuple[os.stat_result, bytes, bool] | Verdict | None:
+        """The file's stat and bytes, and whether the ledger has seen this (size, mtime); an error
+        row; or None if the ledger already covers this exact file state (queued twice, or found
+        again by a rescan). A file that was just written (close-after-write, or renamed in) is
+        read even then: `cp -p` and fixed-size frames give new bytes the old size and mtime."""
         if cand.refused is None:
             try:
                 # Not following a final symlink: a watched file must not lead out of the folder.
                 st, data = read_file(cand.path, max_bytes=self.cfg.max_bytes, follow_symlinks=False)
             except ImageError as e:
+                if e.errno in _TRANSIENT:
+                    log.warning("cannot read %s now (%s); trying again", cand.path, e, extra={"path": cand.path})
+                    self.intake.defer(cand, -1, -1)  # type: ignore[union-attr]  # back after the grace period
+                    return None
+                if e.errno in _RETRIED:
+                    if led.last_error(cand.path) == e.reason:
+                        return None  # recorded already; the next rescan tries again
+                    return _error(cand, e.reason, str(e), None)  # no stat: its state is not "seen"
                 reason, message = e.reason, str(e)
             else:
-                return None if led.is_seen(cand.path, st.st_size, st.st_mtime_ns) else (st, data)
+                seen = led.is_seen(cand.path, st.st_size, st.st_mtime_ns)
+                return None if seen and cand.via not in _WRITTEN else (st, data, seen)
         else:
             reason, message = "refused", cand.refused  # never opened
         try:

@@ -6,6 +6,7 @@ with prometheus_client's parser), /alerts, alerts.jsonl, the exit status, and th
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from anomon.daemon_process import DaemonProcessError
 from anomon.ledger import alert_key, ledger_id_of, open_readonly
@@ -544,3 +547,62 @@ def test_webhook_retries_through_an_outage_and_dead_letters_a_4xx(daemon_factory
     d.wait_for(lambda: len(rx.delivered()) == 4, 15, "delivery after the dead letter")
     assert d.stop() == 0
     rx.close()
+
+
+def test_new_bytes_with_the_same_size_and_mtime_are_a_new_image(shared: Daemon, tiny_model: TinyModel) -> None:
+    """`cp -p` of a fixed-size frame (a BMP) over the last one: same size, same mtime, new bytes.
+    The close-after-write event says the file was written, so the daemon looks at the bytes."""
+    from conftest import anomalous_array
+
+    d, sub = shared, shared.watch / "same_stat"
+    sub.mkdir()
+    path = sub / "frame.bmp"
+    stamp = 1_700_000_000_123_456_789
+
+    def write_bmp(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="BMP")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, buf.getvalue())
+            os.utime(fd, ns=(stamp, stamp))  # as cp -p does, before the close
+        finally:
+            os.close(fd)
+        return buf.getvalue()
+
+    first = write_bmp(tiny_model.normals[0])
+    wait_rows(d, sub, 1)
+    second = write_bmp(anomalous_array(np.random.default_rng(7)))
+    assert len(first) == len(second)
+    got = wait_rows(d, sub, 2)
+    assert [r["verdict"] for r in got] == ["normal", "anomalous"]
+    assert (got[0]["size"], got[0]["mtime_ns"]) == (got[1]["size"], got[1]["mtime_ns"]) == (len(first), stamp)
+    write_bmp(anomalous_array(np.random.default_rng(7)))  # the same bytes again: nothing new
+    time.sleep(2.0)
+    assert len(rows(d, sub)) == 2
+
+
+def test_running_out_of_file_descriptors_is_transient_not_a_verdict(daemon_factory, tiny_model: TinyModel) -> None:
+    """EMFILE while reading an image says nothing about the image: it is tried again once the
+    process can open files, never recorded as "unreadable" for good, and the scorer lives on."""
+    import resource
+
+    d = daemon_factory(tiny_model.path, reconcile_interval_s=3600.0).start()
+    pid = d.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # Open files stay open; a new one would need a number below 3, and 0-2 are taken: no open()
+    # can succeed now, as when idle connections have used up the limit.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        tiny_model.normal_png(d.watch / "starved.png", 0)
+        d.wait_for(lambda: any("starved.png" in str(line.get("msg", "")) and line.get("level") == "warning"
+                               for line in d.log_lines()), 30, "the failed read")
+        time.sleep(1.0)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    got = wait_rows(d, d.watch, 1, timeout=30)
+    assert [(Path(r["path"]).name, r["verdict"]) for r in got] == [("starved.png", "normal")]
+    assert d.metric(err("unreadable")) == 0
+    assert d.get("/healthz").status == 200  # the scoring thread is alive
+    tiny_model.anomalous_png(d.watch / "after.png", 0)
+    assert [r["verdict"] for r in wait_rows(d, d.watch, 2)] == ["normal", "anomalous"]
