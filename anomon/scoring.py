@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from anomon.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, read_file
+from anomon.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, display_copy, read_file
 
 if TYPE_CHECKING:
     from anomon.detector import Detector
@@ -86,7 +86,10 @@ def decode(det: Detector, data: bytes, name: str, *, max_pixels: int = DEFAULT_M
     """File bytes -> decoded image -> the model's input. Anything that goes wrong is an ImageError:
     one bad file must never fail the batch it is in (nor, in the daemon, every rescan after)."""
     img = decode_image(data, name=name, max_pixels=max_pixels)
-    return Prepared(name, img, _preprocess(det, img, name))
+    x = _preprocess(det, img, name)
+    # Only a display-size copy lives on (for the heat map): a batch of 49-megapixel photos must
+    # not hold every full decode until the batch is scored.
+    return Prepared(name, display_copy(img), x)
 
 
 def _preprocess(det: Detector, img: Image.Image, name: str) -> np.ndarray:

@@ -606,3 +606,32 @@ def test_running_out_of_file_descriptors_is_transient_not_a_verdict(daemon_facto
     assert d.get("/healthz").status == 200  # the scoring thread is alive
     tiny_model.anomalous_png(d.watch / "after.png", 0)
     assert [r["verdict"] for r in wait_rows(d, d.watch, 2)] == ["normal", "anomalous"]
+
+
+def test_a_49_megapixel_png_is_scored_in_bounded_memory(daemon_factory, tiny_model: TinyModel) -> None:
+    """7000x7000 pixels in a small PNG (the default max_pixels lets it in): scored and alerted with
+    a heat map, without the daemon's memory growing by gigabytes (it was 6.5 GB: the overlay was
+    blended at full size)."""
+    from conftest import anomalous_array
+
+    d = daemon_factory(tiny_model.path).start()
+    base_kb = _status_kb(d.proc.pid, "VmRSS")
+    big = Image.fromarray(anomalous_array(np.random.default_rng(3))).resize((7000, 7000), Image.Resampling.NEAREST)
+    tmp = d.workdir / "big.png.tmp"
+    big.save(tmp, format="PNG")
+    del big
+    os.rename(tmp, d.watch / "big.png")
+    got = wait_rows(d, d.watch, 1, timeout=120)
+    assert got[0]["verdict"] == "anomalous", got
+    peak_mb = (_status_kb(d.proc.pid, "VmHWM") - base_kb) / 1024
+    assert peak_mb < 1200, f"peak RSS grew by {peak_mb:.0f} MB"
+    alerts = d.get("/alerts?since=0").json()["alerts"]
+    heat = Image.open(alerts[0]["heatmap"])
+    assert max(heat.size) == 1024 and heat.size[0] == heat.size[1]
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{key} not in /proc/{pid}/status")
