@@ -13,6 +13,18 @@ stat() without hashing, including files that were rewritten with identical bytes
 
 A ledger that exists but is empty, garbage or not ours is refused with its name: starting afresh
 would re-score and re-alert every image in the folders (Filebeat, beats #3537; Promtail, loki #1457).
+So is a missing ledger in a state folder that has held one (anomon.state.traces), unless the user
+asks for a new one (`new_ledger`). A refusal changes nothing on disk: the write-ahead log's header
+is checked before SQLite sees it (SQLite discards a WAL whose header it cannot read, with every
+commit in it), and the ledger is validated through a read-only connection, which never
+checkpoints or removes the WAL, before the writer's connection is opened.
+
+Alert identity survives restores. Alert ids are never reused: at open, a ledger whose alert
+sequence is below the highest id the state folder has seen issued (the marker file, alerts.jsonl,
+the dead-letter file) was restored from a backup (or replaced); its sequence is moved above that
+id and a new *epoch* (random) begins, which goes into the Idempotency-Key of the alerts raised in
+it (see `alert_key`). The marker is rewritten before every commit that raises alerts, so it never
+lags behind the ledger.
 
 Connections belong to one thread each (sqlite3's default check): the scoring worker writes through
 its `Ledger`; other threads call `Ledger.reopen()` or `open_readonly()` for their own connection.
@@ -20,9 +32,12 @@ its `Ledger`; other threads call `Ledger.reopen()` or `open_readonly()` for thei
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import sqlite3
+import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +45,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from anomon import state
+
+log = logging.getLogger("anomon.ledger")
+
 SCHEMA_VERSION = 1
+# The write-ahead log's header (https://www.sqlite.org/fileformat2.html#walformat): magic number
+# (its last bit says the checksum's byte order), format version, page size, checkpoint sequence,
+# two salts, and a checksum of the first 24 bytes.
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+WAL_VERSION = 3007000
+WAL_HEADER_BYTES = 32
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -127,19 +152,125 @@ def _describe(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def _wal_checksum(data: bytes, big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum: 32-bit words in the byte order the magic number names."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    s0 = s1 = 0
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_header_problem(wal: Path) -> str | None:
+    """What is wrong with a write-ahead log's header, or None if it is sound (or there is no
+    header at all: a WAL shorter than one holds no commit)."""
+    try:
+        with open(wal, "rb") as f:
+            head = f.read(WAL_HEADER_BYTES)
+    except FileNotFoundError:
+        return None
+    if len(head) < WAL_HEADER_BYTES:
+        return None
+    magic, version = struct.unpack(">II", head[:8])
+    if magic not in WAL_MAGIC:
+        return f"magic number 0x{magic:08x}, not 0x377f0682 or 0x377f0683"
+    if version != WAL_VERSION:
+        return f"format version {version}, not {WAL_VERSION}"
+    if _wal_checksum(head[:24], big_endian=bool(magic & 1)) != struct.unpack(">II", head[24:32]):
+        return "its checksum does not match"
+    return None
+
+
+def _check_wal(path: Path) -> None:
+    """Refuse a ledger whose -wal file SQLite would throw away: it ignores a WAL with a bad header,
+    so the commits in it would be lost, and the file is reset or removed once the ledger is open."""
+    wal = Path(f"{path}-wal")
+    problem = wal_header_problem(wal)
+    if problem is not None:
+        raise LedgerError(
+            f"write-ahead log {wal} of ledger {path} has a damaged header ({problem}); it may hold "
+            "the latest verdicts, which opening the ledger would discard, so both files are left "
+            "untouched: repair the header or restore both from a backup")
+
+
+def _validate_readonly(path: Path, *, check: bool) -> None:
+    """Validate through a read-only connection: refusing it leaves the ledger and its WAL exactly
+    as they were (a writer's connection checkpoints and removes the WAL when it closes)."""
+    try:
+        conn = _connect(path, readonly=True)
+    except sqlite3.DatabaseError as e:
+        raise LedgerError(f"ledger {path} is not a usable SQLite database ({_describe(e)}); "
+                          "restore it from a backup or move it away") from None
+    try:
+        if check:
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise LedgerError(f"ledger {path} is damaged (quick_check: {problems[0]}); restore "
+                                  "it from a backup or move it away")
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError:
+            raise LedgerError(f"{path} is an SQLite database but not an anomon ledger") from None
+    except sqlite3.DatabaseError as e:
+        raise LedgerError(f"ledger {path} is not a usable SQLite database ({_describe(e)}); "
+                          "restore it from a backup or move it away") from None
+    finally:
+        conn.close()
+    version = int(meta.get("schema_version", "0"))
+    if version > SCHEMA_VERSION:
+        raise LedgerError(f"ledger {path} was written by a newer anomon (schema {version}, "
+                          f"this one reads {SCHEMA_VERSION}); upgrade anomon")
+    if version != SCHEMA_VERSION or "ledger_id" not in meta:
+        raise LedgerError(f"ledger {path} has an unknown layout (schema {version})")
+
+
+def _read_marker(state_dir: Path) -> tuple[state.Marker | None, bool]:
+    """The state folder's marker (None if absent) and whether it could be read. An unreadable one
+    is said in the log and rewritten; the ledger then starts a new epoch, which is always safe."""
+    try:
+        return state.read_marker(state_dir), True
+    except state.MarkerError as e:
+        log.warning("%s; it is rewritten", e)
+        return None, False
+
+
+def _alert_sequence(conn: sqlite3.Connection) -> int:
+    """The highest alert id this ledger has ever given (AUTOINCREMENT never gives one twice)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'alerts'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _epochs(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'epochs'").fetchone()
+    return [(int(first), str(epoch)) for first, epoch in json.loads(row[0])] if row else []
+
+
 class Ledger:
     """The writer's connection to the ledger (use from one thread)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, ledger_id: str) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, ledger_id: str,
+                 epochs: Sequence[tuple[int, str]] = ()) -> None:
         self.path = path
         self.ledger_id = ledger_id
+        self.epochs = list(epochs)  # [(first alert id, epoch)], oldest first
         self._conn = conn
+
+    @property
+    def epoch(self) -> str:
+        """The epoch new alerts are raised in ("" until the ledger's first restore)."""
+        return self.epochs[-1][1] if self.epochs else ""
 
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, check: bool = True, new_ledger: bool = False) -> Ledger:
-        """Open (or create, if absent) the ledger at `path`; refuse anything we cannot trust."""
+        """Open (or create, if absent) the ledger at `path`; refuse anything we cannot trust.
+
+        The folder holding it is the state folder. An absent ledger is created only if that
+        folder shows no trace of an earlier one, or if `new_ledger` is true; its alert ids then
+        start above every id the folder has seen. Refusals raise LedgerError (one line, naming
+        the file) and leave every file as it was."""
         path = Path(path)
         existed = path.exists()
         if existed:
@@ -150,13 +281,23 @@ class Ledger:
                     f"ledger {path} is empty (0 bytes, e.g. after a crash or a full disk); refusing "
                     "to start afresh, which would score and alert every image again: restore it "
                     "from a backup, or move it away to start a new ledger")
+            _check_wal(path)
+            _validate_readonly(path, check=check)
         else:
             wal = Path(f"{path}-wal")
             if wal.exists() and wal.stat().st_size > 0:
                 raise LedgerError(
                     f"ledger {path} is missing but its write-ahead log {wal} is not: restore the "
                     "ledger, or move the -wal file away to start a new ledger")
+            found = state.traces(path.parent)
+            if found and not new_ledger:
+                raise LedgerError(
+                    f"ledger {path.name} is missing from state folder {path.parent}, which has held "
+                    f"one ({', '.join(found)}): restore it from a backup, or start a new ledger on "
+                    "purpose with --new-ledger (new_ledger = true), which scores and alerts every "
+                    "image in the watched folders again")
             path.parent.mkdir(parents=True, exist_ok=True)
+        conn: sqlite3.Connection | None = None
         try:
             conn = _connect(path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -164,44 +305,78 @@ class Ledger:
                 raise LedgerError(f"ledger {path}: cannot switch to WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
+            marker, marker_ok = _read_marker(path.parent)
             if existed:
-                ledger_id = cls._validate(path, conn, check=check)
+                ledger_id = ledger_id_of(conn)
+                epochs = cls._continue_ids(path, conn, ledger_id, marker, marker_ok)
             else:
-                ledger_id = cls._create(conn)
-        except sqlite3.DatabaseError as e:
-            raise LedgerError(f"ledger {path} is not a usable SQLite database ({_describe(e)}); "
-                              "restore it from a backup or move it away") from None
-        return cls(path, conn, ledger_id)
+                ledger_id = cls._create(conn, state.highest_alert_id(path.parent, marker))
+                epochs = []
+            led = cls(path, conn, ledger_id, epochs)
+            led._write_marker(_alert_sequence(conn))
+            return led
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise LedgerError(f"ledger {path} is not a usable SQLite database ({_describe(e)}); "
+                                  "restore it from a backup or move it away") from None
+            if isinstance(e, OSError):
+                raise LedgerError(f"state folder {path.parent}: cannot write "
+                                  f"{state.MARKER_NAME} ({e.strerror or e})") from None
+            raise
 
     @staticmethod
-    def _create(conn: sqlite3.Connection) -> str:
+    def _create(conn: sqlite3.Connection, first_alert_after: int) -> str:
         ledger_id = uuid.uuid4().hex[:12]
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # Alert ids start above every id the state folder has seen (alerts.jsonl, the dead-letter
+        # file, the marker), so alerts.jsonl writes them instead of taking them for old ones.
+        sequence = (f"INSERT INTO sqlite_sequence (name, seq) VALUES ('alerts', {int(first_alert_after)});"
+                    if first_alert_after > 0 else "")
         # One script, one transaction: a crash mid-creation leaves no half-made ledger behind.
         conn.executescript(
             "BEGIN IMMEDIATE;" + _SCHEMA
             + f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}'), "
-            f"('ledger_id', '{ledger_id}'), ('created_at', '{created}'); COMMIT;")
+            f"('ledger_id', '{ledger_id}'), ('created_at', '{created}');" + sequence + "COMMIT;")
         return ledger_id
 
     @staticmethod
-    def _validate(path: Path, conn: sqlite3.Connection, *, check: bool) -> str:
-        if check:
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise LedgerError(f"ledger {path} is damaged (quick_check: {problems[0]}); restore "
-                                  "it from a backup or move it away")
+    def _continue_ids(path: Path, conn: sqlite3.Connection, ledger_id: str,
+                      marker: state.Marker | None, marker_ok: bool) -> list[tuple[int, str]]:
+        """The ledger's epochs, after starting a new one if this ledger is behind what the state
+        folder has seen issued (restored from a backup, or replaced): its alert sequence then
+        moves above the highest id seen, so no id (and no key) is ever given twice."""
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.OperationalError:
-            raise LedgerError(f"{path} is an SQLite database but not an anomon ledger") from None
-        version = int(meta.get("schema_version", "0"))
-        if version > SCHEMA_VERSION:
-            raise LedgerError(f"ledger {path} was written by a newer anomon (schema {version}, "
-                              f"this one reads {SCHEMA_VERSION}); upgrade anomon")
-        if version != SCHEMA_VERSION or "ledger_id" not in meta:
-            raise LedgerError(f"ledger {path} has an unknown layout (schema {version})")
-        return meta["ledger_id"]
+            epochs = _epochs(conn)
+            seq = _alert_sequence(conn)
+            highest = state.highest_alert_id(path.parent, marker)
+            if highest > seq or not marker_ok:
+                epoch = uuid.uuid4().hex[:8]
+                first = max(highest, seq) + 1
+                epochs.append((first, epoch))
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epochs', ?)",
+                             (json.dumps(epochs),))
+                if conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'alerts'",
+                                (first - 1,)).rowcount == 0:
+                    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('alerts', ?)", (first - 1,))
+                why = ("the state folder's marker was unreadable" if not marker_ok else
+                       f"its alerts end at id {seq} but the state folder has seen ids up to {highest} "
+                       "(restored from a backup, replaced, or stopped between raising alerts and "
+                       "recording them)")
+                log.warning("ledger %s: %s; new alerts get ids from %d in a new epoch %s, so their "
+                            "keys name no earlier alert", path, why, first, epoch,
+                            extra={"ledger_id": ledger_id, "epoch": epoch, "first_alert_id": first})
+            elif marker is not None and marker.ledger_id != ledger_id:
+                log.warning("ledger %s (id %s) is not the one state folder %s last saw (id %s)",
+                            path, ledger_id, path.parent, marker.ledger_id)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return epochs
 
     def reopen(self) -> Ledger:
         """Another writer connection to the same (already validated) ledger, to hand to another
@@ -209,10 +384,13 @@ class Ledger:
         conn = _connect(self.path, same_thread=False)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
-        return Ledger(self.path, conn, self.ledger_id)
+        return Ledger(self.path, conn, self.ledger_id, self.epochs)
 
     def close(self) -> None:
         self._conn.close()
+
+    def _write_marker(self, max_alert_id: int) -> None:
+        state.write_marker(self.path.parent, state.Marker(self.ledger_id, self.epoch, max_alert_id))
 
     # -- the scoring worker's questions ----------------------------------------------------------
 
@@ -265,6 +443,12 @@ class Ledger:
                     s.image_id = s.of.image_id
                 c.execute("INSERT OR REPLACE INTO seen (path, size, mtime_ns, image_id) "
                           "VALUES (?, ?, ?, ?)", (s.path, s.size, s.mtime_ns, s.image_id))
+            raised = [v.alert_id for v in verdicts if v.alert_id is not None]
+            if raised:
+                # Before the commit: the marker never says less than the ledger holds, so a
+                # restored ledger is always recognised (after a crash right here it says more,
+                # which costs only a new epoch at the next start).
+                self._write_marker(max(raised))
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:
@@ -284,7 +468,7 @@ class Ledger:
             "ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id", (name, last_id))
 
     def alerts_after(self, since_id: int, limit: int = 1000) -> list[dict[str, Any]]:
-        return alerts_after(self._conn, since_id, limit, ledger_id=self.ledger_id)
+        return alerts_after(self._conn, since_id, limit, ledger_id=self.ledger_id, epochs=self.epochs)
 
     def pending_alerts(self, since_id: int) -> int:
         """How many alerts have an id above `since_id` (an exporter's backlog)."""
@@ -336,10 +520,26 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def alert_key(ledger_id: str, alert_id: int) -> str:
-    """The Idempotency-Key of an alert: unique across ledgers, so a receiver shared by several
-    lines (or a ledger started afresh) never mistakes one alert for another."""
-    return f"anomon-{ledger_id}-{alert_id}"
+def alert_key(ledger_id: str, alert_id: int, epoch: str = "") -> str:
+    """The Idempotency-Key of an alert, sent as a header and as `key` in every export.
+
+    `anomon-<ledger_id>-<alert_id>` for alerts of a ledger's first epoch (every ledger until it
+    is first restored, so keys issued before epochs existed stay the same), and
+    `anomon-<ledger_id>-<epoch>-<alert_id>` for alerts raised after a restore began a new epoch.
+    Unique across ledgers (a receiver shared by several lines, a ledger started afresh) and across
+    restores of one ledger, so a receiver never mistakes one alert for another. Receivers should
+    treat it as opaque.
+    """
+    return f"anomon-{ledger_id}-{epoch}-{alert_id}" if epoch else f"anomon-{ledger_id}-{alert_id}"
+
+
+def epoch_of(epochs: Sequence[tuple[int, str]], alert_id: int) -> str:
+    """The epoch an alert was raised in: the last one that began at or below its id."""
+    found = ""
+    for first, epoch in epochs:
+        if first <= alert_id:
+            found = epoch
+    return found
 
 
 _ALERT_SQL = (
@@ -351,13 +551,16 @@ _ALERT_SQL = (
 
 
 def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
-                 ledger_id: str | None = None) -> list[dict[str, Any]]:
+                 ledger_id: str | None = None,
+                 epochs: Sequence[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
     """Alerts with id > since_id, oldest first, as JSON-ready dicts."""
     lid = ledger_id if ledger_id is not None else ledger_id_of(conn)
+    eps = epochs if epochs is not None else _epochs(conn)
     out = []
     for r in conn.execute(_ALERT_SQL, (since_id, limit)):
         out.append({
-            "id": r["id"], "key": alert_key(lid, r["id"]), "time": iso(r["created_at"]),
+            "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
+            "time": iso(r["created_at"]),
             "created_at": r["created_at"], "path": r["path"], "score": r["score"],
             "p_value": r["p_value"], "threshold": r["threshold"], "model_id": r["model_id"],
             "sha256": r["sha256"], "size": r["size"], "image_id": r["image_id"],

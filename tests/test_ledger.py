@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -164,3 +165,201 @@ def test_torn_wal_tail_keeps_committed_rows(tmp_path: Path) -> None:
     led = Ledger.open(p)
     assert all(led.find(f"/w/{i}.png", str(i)) for i in range(20))
     led.close()
+
+
+# -- the write-ahead log's header (a refusal must never delete the evidence) -------------------------
+
+
+def _write_then_kill9(p: Path, n: int) -> None:
+    """n committed verdicts left in the WAL by a process killed with SIGKILL (never checkpointed)."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from anomon.ledger import Ledger, Verdict
+        led = Ledger.open({str(p)!r})
+        for i in range(n):
+            led.record([Verdict(path=f"/w/{{i}}.png", verdict="anomalous", arrived_at=1, scored_at=2,
+                                size=1, mtime_ns=i, sha256=str(i))])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """).replace("range(n)", f"range({n})")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+
+
+@pytest.mark.parametrize("damage", ["magic", "checksum"])
+def test_a_wal_with_a_damaged_header_is_refused_by_name_and_kept(tmp_path: Path, damage: str) -> None:
+    p = tmp_path / "ledger.sqlite3"
+    _write_then_kill9(p, 60)
+    wal = Path(f"{p}-wal")
+    good = wal.read_bytes()
+    bad = bytearray(good)
+    if damage == "magic":
+        bad[:32] = os.urandom(32)
+    else:
+        bad[17] ^= 0xFF  # a salt byte: right magic, wrong checksum
+    wal.write_bytes(bytes(bad))
+    db = p.read_bytes()
+    with pytest.raises(LedgerError) as e:
+        Ledger.open(p)
+    msg = str(e.value)
+    assert "ledger.sqlite3-wal" in msg and "header" in msg and "\n" not in msg, msg
+    import gc
+
+    gc.collect()  # no connection left behind to checkpoint and delete the WAL later
+    assert wal.read_bytes() == bytes(bad) and p.read_bytes() == db  # nothing deleted or reset
+    wal.write_bytes(good)  # the evidence was worth keeping: with its header back, all 60 are there
+    led = Ledger.open(p)
+    assert all(led.find(f"/w/{i}.png", str(i)) for i in range(60))
+    led.close()
+
+
+def test_a_refused_ledger_keeps_its_wal(tmp_path: Path) -> None:
+    """A ledger refused after SQLite opened it (here: a newer schema) keeps its -wal file."""
+    p = tmp_path / "ledger.sqlite3"
+    _write_then_kill9(p, 5)
+    c = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    assert c.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 5
+    c.close()
+    script = textwrap.dedent(f"""
+        import os, signal, sqlite3
+        c = sqlite3.connect({str(p)!r}, isolation_level=None)
+        c.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", script], capture_output=True)
+    wal = Path(f"{p}-wal")
+    before = wal.read_bytes()
+    with pytest.raises(LedgerError, match="newer anomon"):
+        Ledger.open(p)
+    import gc
+
+    gc.collect()
+    assert wal.read_bytes() == before
+
+
+# -- a ledger that is gone, and one restored from a backup ------------------------------------------
+
+
+def _alert_verdicts(start: int, n: int) -> list[Verdict]:
+    return [_v(f"/w/a{i}.png", f"a{i}", "anomalous") for i in range(start, start + n)]
+
+
+def _remove_ledger(p: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{p}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("trace", ["marker", "alerts.jsonl", "webhook-dead-letter.jsonl", "anomalies"])
+def test_a_missing_ledger_in_a_used_state_folder_is_refused(tmp_path: Path, trace: str) -> None:
+    p = tmp_path / "ledger.sqlite3"
+    if trace == "marker":
+        Ledger.open(p).close()
+        _remove_ledger(p)
+    elif trace == "anomalies":
+        (tmp_path / "anomalies").mkdir()
+        (tmp_path / "anomalies" / "abc_part.png").write_bytes(b"png")
+    else:
+        (tmp_path / trace).write_text('{"id": 7, "alert": {"id": 7}}\n')
+    with pytest.raises(LedgerError) as e:
+        Ledger.open(p)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "--new-ledger" in msg and "\n" not in msg, msg
+    assert not p.exists()
+
+
+def test_an_unused_state_folder_gets_a_ledger(tmp_path: Path) -> None:
+    (tmp_path / "lock").write_text("123\n")  # every start takes the lock first: not a trace
+    (tmp_path / "anomalies").mkdir()  # empty
+    (tmp_path / "alerts.jsonl").write_text("")
+    Ledger.open(tmp_path / "ledger.sqlite3").close()
+
+
+def test_a_new_ledger_numbers_its_alerts_above_every_earlier_one(tmp_path: Path) -> None:
+    p = tmp_path / "ledger.sqlite3"
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(0, 12))
+    old_keys = {a["key"] for a in led.alerts_after(0)}
+    led.close()
+    _remove_ledger(p)
+    (tmp_path / "alerts.jsonl").write_text('{"id": 5}\n{"id": 7}\n{"id": 8, "to')  # torn, and behind
+    led = Ledger.open(p, new_ledger=True)
+    led.record(_alert_verdicts(0, 1))
+    (a,) = led.alerts_after(0)
+    assert a["id"] == 13 and a["key"] not in old_keys
+    led.close()
+
+    _remove_ledger(p)
+    (tmp_path / "webhook-dead-letter.jsonl").write_text('{"reason": "http_400", "alert": {"id": 40}}\n')
+    led = Ledger.open(p, new_ledger=True)
+    led.record(_alert_verdicts(0, 1))
+    assert [a["id"] for a in led.alerts_after(0)] == [41]
+    led.close()
+
+
+def _backup(p: Path, to: Path) -> None:
+    src = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    dst = sqlite3.connect(to)
+    src.backup(dst)
+    dst.close()
+    src.close()
+
+
+def _restore(backup: Path, p: Path) -> None:
+    _remove_ledger(p)
+    p.write_bytes(backup.read_bytes())
+
+
+def test_a_restored_ledger_never_reuses_an_alert_identity(tmp_path: Path) -> None:
+    p = tmp_path / "ledger.sqlite3"
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(0, 3))
+    _backup(p, tmp_path / "backup.sqlite3")
+    led.record(_alert_verdicts(3, 3))
+    issued = {a["key"]: a["path"] for a in led.alerts_after(0)}
+    led.close()
+
+    _restore(tmp_path / "backup.sqlite3", p)
+    led = Ledger.open(p)
+    kept = led.alerts_after(0)
+    assert [issued[a["key"]] for a in kept] == [a["path"] for a in kept]  # old alerts: same keys
+    led.record(_alert_verdicts(3, 3))  # the images the backup lacks, scored again
+    new = led.alerts_after(3)
+    assert all(a["id"] > 6 for a in new)
+    assert not {a["key"] for a in new} & set(issued)  # no key names another image
+    keys = {a["key"]: a["path"] for a in led.alerts_after(0)}
+    led.close()
+    led = Ledger.open(p)  # a plain restart changes nothing
+    assert {a["key"]: a["path"] for a in led.alerts_after(0)} == keys
+    led.record(_alert_verdicts(6, 1))
+    assert led.alerts_after(0)[-1]["id"] == max(a["id"] for a in new) + 1
+    led.close()
+
+
+def test_restarts_keep_alert_keys_and_ids(tmp_path: Path) -> None:
+    p = tmp_path / "ledger.sqlite3"
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(0, 2))
+    keys = [a["key"] for a in led.alerts_after(0)]
+    assert keys == [f"anomon-{led.ledger_id}-1", f"anomon-{led.ledger_id}-2"]
+    led.close()
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(2, 1))
+    assert [a["key"] for a in led.alerts_after(0)] == keys + [f"anomon-{led.ledger_id}-3"]
+    led.close()
+
+
+def test_an_unreadable_marker_is_rewritten_and_new_alerts_get_a_new_epoch(tmp_path: Path, caplog) -> None:
+    """Without a trustworthy marker a restore cannot be ruled out: a new epoch is always safe."""
+    p = tmp_path / "ledger.sqlite3"
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(0, 2))
+    old = {a["key"] for a in led.alerts_after(0)}
+    led.close()
+    (tmp_path / "ledger-marker.json").write_bytes(b'{"ledger_id": "x", "epo')
+    led = Ledger.open(p)
+    led.record(_alert_verdicts(2, 1))
+    (a,) = led.alerts_after(2)
+    assert a["id"] == 3 and a["key"] not in old and a["key"].endswith(f"-{led.epoch}-3") and led.epoch
+    assert {x["key"] for x in led.alerts_after(0)} >= old  # earlier alerts keep their keys
+    led.close()
+    assert any("ledger-marker.json" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "ledger-marker.json").read_text())["max_alert_id"] == 3
