@@ -6,13 +6,26 @@ at-least-once export of that table, caught up at start from a cursor:
 
 - alerts.jsonl: append, flush, fsync. Its own last complete line says where it stopped (a torn last
   line from a crash is cut off), and the ledger keeps a cursor too, so a rotated file is not refilled.
-- webhook: POST each alert in order with an `Idempotency-Key` header (the alert's key). 5xx,
-  408/429, timeouts and connection errors are retried with exponential backoff, forever, so an
-  unreachable receiver delays alerts but never loses them; the cursor in the ledger is the spool,
-  and it survives restarts. Other 4xx answers are final: the alert goes to a dead-letter file and is
-  counted. Alerts older than `max_age_s`, or beyond `max_spool_bytes` of backlog, are dead-lettered
-  too (counted, never silently dropped). Like Alertmanager, but with a spool, because an anomaly
+- webhook: POST each alert in order with an `Idempotency-Key` header (the alert's key, see
+  anomon.ledger.alert_key). 5xx, 408/429, timeouts and connection errors are retried with
+  exponential backoff, so an unreachable receiver delays alerts but never loses them; the cursor
+  in the ledger is the spool, and it survives restarts. Other 4xx answers are final: the alert goes
+  to a dead-letter file and is counted. Like Alertmanager, but with a spool, because an anomaly
   alert is a one-off event that nobody will re-send.
+
+  Redirects are never followed: urllib would re-send a 301/302/303 as a GET without the body,
+  which the target may well answer 200, and the alert would count as delivered. A 3xx is retried
+  like a 5xx, with the Location in the log: it says where the receiver wants alerts to go, nothing
+  about this alert, so it is a configuration (webhook_url) or proxy problem that applies to every
+  alert alike. Dead-lettering them would move the whole stream into a file nobody replays; kept in
+  the spool, they all go out once webhook_url is fixed and the daemon restarted.
+
+  The spool is bounded: beyond `max_spool_bytes` of backlog alerts are dead-lettered
+  ("spool_full"), and so are alerts older than `max_age_s` once the sender has spent that long
+  failing ("expired"). Both ages must pass: an alert's age comes from the wall clock, which can
+  jump (an NTP step, a fixed RTC), while the time spent failing is measured on the monotonic
+  clock and kept in the ledger across restarts. So a clock stepped forward expires nothing, and
+  old alerts still go to a receiver that answers. Every drop is counted, never silent.
 """
 
 from __future__ import annotations
@@ -30,13 +43,15 @@ from typing import Any
 
 from anomon.config import watch_default
 from anomon.ledger import Ledger, iso
-from anomon.state import DEAD_LETTER_NAME, JSONL_NAME
+from anomon.state import DEAD_LETTER_NAME, JSONL_NAME, cut_torn_tail, last_id
 
 log = logging.getLogger("anomon.alerts")
 
 
 def append_line(path: Path, obj: Any) -> None:
-    """Append one JSON line and make it durable before returning."""
+    """Append one JSON line and make it durable before returning. A torn last line (a crash, or a
+    full disk, mid-append) is cut off first, so the new line never joins it into one bad line."""
+    cut_torn_tail(path)
     with open(path, "ab") as f:
         f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
         f.flush()
@@ -49,31 +64,18 @@ def last_jsonl_id(path: Path) -> int:
     A crash during an append can leave half a line at the end. It is removed (with a warning), so
     the next append starts on a clean line; the alert it held is written again from the ledger.
     """
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
-    if size == 0:
-        return 0
-    with open(path, "r+b") as f:
-        tail_len = min(size, 1 << 20)
-        f.seek(size - tail_len)
-        tail = f.read()
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            keep = size - tail_len + cut + 1 if cut >= 0 else (0 if tail_len == size else size)
-            log.warning("%s: cutting off a torn last line (%d bytes) left by a crash", path,
-                        size - keep, extra={"file": str(path)})
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-            tail = tail[: cut + 1] if cut >= 0 else b""
-    for line in reversed(tail.splitlines()):
-        try:
-            return int(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0
+    cut_torn_tail(path)
+    return last_id(path, "id")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: the 3xx answer comes back as an HTTPError with its Location."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class _ExportThread:
@@ -154,6 +156,9 @@ class WebhookSender(_ExportThread):
 
     name = "webhook"
     CURSOR = "webhook"
+    # Milliseconds of failed delivery since the last answer, kept with the cursor (the exports
+    # table) so a restart goes on counting toward max_age_s instead of starting from zero.
+    FAILING = "webhook_failing_ms"
 
     def __init__(self, ledger: Ledger, state_dir: Path, url: str, *,
                  timeout_s: float = watch_default("webhook_timeout_s"),
@@ -170,8 +175,13 @@ class WebhookSender(_ExportThread):
         self._max_age_s = max_age_s
         self._max_spool_bytes = max_spool_bytes
         self._on_result = on_result
+        self._failed_s: float | None = None  # read from the ledger on the first step (its thread)
+        self._failing_since: float | None = None  # monotonic, start of this process's failing run
+        self._failed_before = 0.0  # seconds failed before _failing_since (earlier runs, restarts)
 
     def step(self) -> bool:
+        if self._failed_s is None:
+            self._failed_before = self._failed_s = self._ledger.cursor(self.FAILING) / 1000.0
         cursor = self._ledger.cursor(self.CURSOR)
         alerts = self._ledger.alerts_after(cursor, 100)
         for a in alerts:
@@ -185,26 +195,65 @@ class WebhookSender(_ExportThread):
         body = json.dumps(alert, ensure_ascii=False).encode()
         delay = 0.5
         while True:
-            too_old = time.time() - alert["created_at"] > self._max_age_s
-            if too_old or self._backlog_bytes(alert["id"], len(body)) > self._max_spool_bytes:
-                self._dead(alert, "expired" if too_old else "spool_full", None, "")
+            if self._expired(alert):
+                self._dead(alert, "expired", None, "")
                 return True
+            if self._backlog_bytes(alert["id"], len(body)) > self._max_spool_bytes:
+                self._dead(alert, "spool_full", None, "")
+                return True
+            attempt_at = time.monotonic()
             status, detail = self._post(body, alert["key"])
             if status is not None and 200 <= status < 300:
+                self._answered()
                 self._on_result("success")
                 log.info("webhook delivered alert %s", alert["id"],
                          extra={"alert_id": alert["id"], "status": status})
                 return True
             if status is not None and 400 <= status < 500 and status not in (408, 429):
+                self._answered()  # the receiver is there; it refused this alert
                 self._dead(alert, f"http_{status}", status, detail)
                 return True
+            self._failed(attempt_at)
             self._on_result("retry")
-            log.warning("webhook: alert %s not delivered (%s); retrying in %.1f s", alert["id"],
-                        detail if status is None else f"HTTP {status}", delay,
-                        extra={"alert_id": alert["id"], "status": status})
+            if status is not None and 300 <= status < 400:
+                why = f"HTTP {status} redirect to {detail or '(no Location)'}, not followed: fix webhook_url"
+            else:
+                why = detail if status is None else f"HTTP {status}"
+            log.warning("webhook: alert %s not delivered (%s); retrying in %.1f s", alert["id"], why,
+                        delay, extra={"alert_id": alert["id"], "status": status})
             if self._sleep(delay):
+                self._failed(attempt_at)
                 return False
             delay = min(delay * 2, self._max_backoff_s)
+
+    def _expired(self, alert: dict[str, Any]) -> bool:
+        """Older than max_age_s by the wall clock AND max_age_s spent failing by the monotonic
+        clock: a clock step alone never expires anything."""
+        if self._failing_s() <= self._max_age_s:
+            return False
+        return time.time() - alert["created_at"] > self._max_age_s
+
+    def _failing_s(self) -> float:
+        if self._failing_since is None:
+            return self._failed_before
+        return self._failed_before + (time.monotonic() - self._failing_since)
+
+    def _failed(self, attempt_at: float) -> None:
+        """Count the time since this failing run's first attempt and keep it in the ledger."""
+        if self._failing_since is None:
+            self._failing_since = attempt_at
+        self._store_failing(self._failing_s())
+
+    def _answered(self) -> None:
+        self._failing_since = None
+        self._failed_before = 0.0
+        self._store_failing(0.0)
+
+    def _store_failing(self, seconds: float) -> None:
+        if self._failed_s is not None and round(seconds, 3) == round(self._failed_s, 3):
+            return
+        self._failed_s = seconds
+        self._ledger.set_cursor(self.FAILING, int(seconds * 1000))
 
     def _backlog_bytes(self, alert_id: int, body_len: int) -> int:
         """Rough size of what waits (this alert's size times the alerts not yet delivered)."""
@@ -218,13 +267,16 @@ class WebhookSender(_ExportThread):
             "Content-Type": "application/json", "Idempotency-Key": key,
             "User-Agent": "anomon-webhook"})
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:
+            with _OPENER.open(req, timeout=self._timeout_s) as resp:
                 return resp.status, ""
         except urllib.error.HTTPError as e:
-            try:
-                detail = e.read(500).decode(errors="replace")
-            except Exception:
-                detail = ""
+            with e:
+                if 300 <= e.code < 400:  # a redirect, refused by _NoRedirects: where it pointed
+                    return e.code, (e.headers.get("Location") or "") if e.headers else ""
+                try:
+                    detail = e.read(500).decode(errors="replace")
+                except Exception:
+                    detail = ""
             return e.code, detail
         except (urllib.error.URLError, OSError, ValueError) as e:  # refused, DNS, timeout, reset
             reason = getattr(e, "reason", e)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -134,16 +135,137 @@ def test_429_is_retried(ledger: Ledger, tmp_path: Path) -> None:
     rx.close()
 
 
-def test_too_old_and_too_much_backlog_are_dead_lettered_and_counted(ledger: Ledger, tmp_path: Path) -> None:
+def _dead_letters(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "webhook-dead-letter.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_too_much_backlog_is_dead_lettered_and_counted(ledger: Ledger, tmp_path: Path) -> None:
     rx = WebhookReceiver([200])
-    _alerting(ledger, 1, scored_at=time.time() - 3600)
-    _alerting(ledger, 3, start=1)
+    _alerting(ledger, 4)
     results: list[str] = []
-    _sender(ledger, tmp_path, rx.url, results, max_age_s=60, max_spool_bytes=500).step()
-    reasons = [json.loads(x)["reason"] for x in (tmp_path / "webhook-dead-letter.jsonl").read_text().splitlines()]
-    assert reasons[0] == "expired" and "spool_full" in reasons
+    _sender(ledger, tmp_path, rx.url, results, max_spool_bytes=500).step()
+    reasons = [d["reason"] for d in _dead_letters(tmp_path)]
+    assert reasons and set(reasons) == {"spool_full"}
     assert results.count("dead_letter") == len(reasons) and "success" in results
     assert ledger.cursor("webhook") == 4
+    rx.close()
+
+
+def test_old_alerts_expire_only_after_max_age_of_failed_delivery(ledger: Ledger, tmp_path: Path) -> None:
+    """An alert a day old is still delivered to a receiver that answers; it expires only once the
+    sender has been failing for max_age_s (measured on the monotonic clock)."""
+    rx = WebhookReceiver([200])
+    _alerting(ledger, 1, scored_at=time.time() - 86400)
+    results: list[str] = []
+    _sender(ledger, tmp_path, rx.url, results, max_age_s=60).step()
+    assert results == ["success"] and _dead_letters(tmp_path) == []
+
+    rx.answer(503)
+    _alerting(ledger, 1, start=1, scored_at=time.time() - 86400)
+    results.clear()
+    t0 = time.monotonic()
+    _sender(ledger, tmp_path, rx.url, results, max_age_s=1.0).step()
+    assert time.monotonic() - t0 >= 1.0  # retried for max_age_s first
+    assert results[-1] == "dead_letter" and set(results[:-1]) == {"retry"}
+    assert [d["reason"] for d in _dead_letters(tmp_path)] == ["expired"]
+    assert ledger.cursor("webhook") == 2
+    rx.close()
+
+
+def _run_for(sender: WebhookSender, seconds: float) -> threading.Thread:
+    t = threading.Thread(target=sender.step)
+    t.start()
+    t.join(seconds)
+    return t
+
+
+def test_a_clock_stepped_forward_does_not_expire_the_spool(
+        ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock jumps a year ahead during an outage: nothing is dead-lettered until the
+    sender has really been retrying for max_age_s, across a restart too."""
+    rx = WebhookReceiver([503])
+    _alerting(ledger, 2)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 365 * 86400)
+    results: list[str] = []
+    first = _sender(ledger.reopen(), tmp_path, rx.url, results, max_age_s=3.0)
+    t = _run_for(first, 2.0)  # two seconds of real retrying, "a year" of wall-clock age
+    first.stop()
+    t.join(5)
+    assert results and set(results) == {"retry"} and _dead_letters(tmp_path) == []
+    assert ledger.cursor("webhook") == 0
+
+    # A restart goes on from the time already spent retrying, not from zero.
+    results.clear()
+    again = _sender(ledger.reopen(), tmp_path, rx.url, results, max_age_s=3.0)
+    t0 = time.monotonic()
+    t = _run_for(again, 10.0)
+    assert not t.is_alive() and time.monotonic() - t0 < 2.5
+    assert [d["reason"] for d in _dead_letters(tmp_path)] == ["expired", "expired"]
+    assert ledger.cursor("webhook") == 2
+    rx.close()
+
+
+class _RedirectingReceiver:
+    """POST /hook answers `status` with a Location to /elsewhere, which would accept anything."""
+
+    def __init__(self, status: int) -> None:
+        self.got: list[tuple[str, str]] = []
+        rec = self
+
+        class H(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                rec.got.append((self.command, self.path))
+                if self.path == "/hook":
+                    self.send_response(status)
+                    self.send_header("Location", "/elsewhere")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = _answer  # noqa: N815
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_not_counted_as_delivered(ledger: Ledger, tmp_path: Path,
+                                                                 status: int, caplog) -> None:
+    rx = _RedirectingReceiver(status)
+    _alerting(ledger, 1)
+    results: list[str] = []
+    s = _sender(ledger.reopen(), tmp_path, rx.url, results)
+    t = _run_for(s, 1.0)
+    s.stop()
+    t.join(5)
+    assert rx.got and set(rx.got) == {("POST", "/hook")}  # never followed, never turned into a GET
+    assert results and set(results) == {"retry"}  # kept in the spool, not delivered
+    assert ledger.cursor("webhook") == 0 and _dead_letters(tmp_path) == []
+    assert any(f"HTTP {status} redirect to /elsewhere" in r.getMessage() for r in caplog.records)
+    rx.close()
+
+
+def test_a_torn_dead_letter_line_is_cut_before_the_next_append(ledger: Ledger, tmp_path: Path) -> None:
+    dead = tmp_path / "webhook-dead-letter.jsonl"
+    dead.write_text('{"reason": "http_400", "alert": {"id": 0}}\n{"reason": "http_4')  # a crash mid-append
+    rx = WebhookReceiver([400])
+    _alerting(ledger, 1)
+    _sender(ledger, tmp_path, rx.url, []).step()
+    lines = [json.loads(x) for x in dead.read_text().splitlines()]  # every line is JSON again
+    assert [d["alert"]["id"] for d in lines] == [0, 1]
     rx.close()
 
 
