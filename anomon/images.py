@@ -23,7 +23,7 @@ from anomon.config import watch_default
 from anomon.errors import ImageError
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
 
 DEFAULT_MAX_PIXELS: int = watch_default("max_pixels")
@@ -31,7 +31,13 @@ DEFAULT_MAX_BYTES: int = watch_default("max_bytes")
 
 # Leading bytes of the formats we accept: a file that starts like one but cannot be identified
 # was cut short, which is a different story (and a different metric) from "not an image".
-_MAGIC: tuple[bytes, ...] = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+_MAGIC: tuple[bytes, ...] = (b"\x89PNG", b"\xff\xd8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"GIF8")
+# How many bytes each format's header takes at most: a file that starts like the format but cannot
+# be identified although it is longer than this is not cut short, it is corrupt. (PNG: signature +
+# IHDR; BMP: file + info header; GIF: header + screen descriptor; the others have headers of
+# variable length, up to the EXIF and ICC segments of a JPEG.)
+_HEADER_BYTES: dict[bytes, int] = {b"\x89PNG": 33, b"BM": 54, b"GIF8": 13}
+_LONG_HEADER_BYTES = 256 * 1024
 
 # Never let Pillow silently pad a truncated file with grey: that would score a half image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -121,8 +127,11 @@ def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = DEFAUL
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("too_large", f"{name}: image is over the decompression-bomb limit") from None
     except UnidentifiedImageError:
-        if data.startswith(_MAGIC):
+        magic = next((m for m in _MAGIC if data.startswith(m)), None)
+        if magic is not None and len(data) < _HEADER_BYTES.get(magic, _LONG_HEADER_BYTES):
             raise ImageError("truncated", f"{name}: image header is incomplete") from None
+        if magic is not None:
+            raise ImageError("corrupt", f"{name}: starts like an image but its header is not valid") from None
         raise ImageError("not_image", f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         text = str(e)

@@ -635,3 +635,19 @@ def _status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise AssertionError(f"{key} not in /proc/{pid}/status")
+
+
+def test_gif_is_scored_and_garbage_behind_a_png_signature_is_corrupt(shared: Daemon, tiny_model: TinyModel) -> None:
+    """A .gif was ignored without a trace; 100 KB of garbage after a PNG signature was called
+    "truncated" (waited for as an unfinished write) instead of "corrupt"."""
+    d, sub = shared, shared.watch / "formats"
+    sub.mkdir()
+    before = d.metrics()
+    buf = io.BytesIO()
+    Image.fromarray(tiny_model.normals[1]).save(buf, format="GIF")
+    (sub / "frame.gif").write_bytes(buf.getvalue())
+    (sub / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(0).bytes(100_000))
+    got = {Path(r["path"]).name: r for r in wait_rows(d, sub, 2, timeout=30)}
+    assert got["frame.gif"]["verdict"] == "normal"
+    assert (got["garbage.png"]["verdict"], got["garbage.png"]["reason"]) == ("error", "corrupt")
+    wait_deltas(d, before, {err("corrupt"): 1, err("truncated"): 0, SCORED_N: 1})
