@@ -61,7 +61,8 @@ def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def read_file(
-    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True,
+    beneath: str | None = None,
 ) -> tuple[os.stat_result, bytes]:
     """Read a whole regular file: the one safe read behind training, `anomon score` and the daemon.
 
@@ -70,11 +71,14 @@ def read_file(
     the opened file's own, so it describes exactly the bytes returned. The daemon passes
     `follow_symlinks=False`: a watched file that is (or became) a symlink could lead outside the
     watched folder. A path a user names on the command line may be a link they made on purpose.
+    With `beneath` (a watched folder, symlinks already resolved), every folder from there down is
+    opened without following links, one component at a time (openat): a folder swapped for a
+    symlink after the file was found cannot lead the read outside.
     Raises ImageError (vanished, unreadable, too_large, refused).
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags) if beneath is None else _open_beneath(beneath, os.fspath(path), flags)
     except FileNotFoundError:
         raise ImageError("vanished", f"{path}: file no longer exists") from None
     except OSError as e:
@@ -106,6 +110,30 @@ def read_file(
         return st, b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _open_beneath(root: str, path: str, flags: int) -> int:
+    """os.open(path) walking from `root` with O_NOFOLLOW on every component (ELOOP/ENOTDIR if one is
+    a symlink); "refused" for a path that is not under root at all."""
+    rel = os.path.relpath(path, root)
+    if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        raise ImageError("refused", f"{path}: outside the watched folder {root}")
+    *folders, name = rel.split(os.sep)
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for folder in folders:
+            try:
+                nfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ImageError("refused", f"{path}: folder {folder!r} on the way became a symlink; "
+                                                "not followed") from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

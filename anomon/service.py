@@ -92,6 +92,7 @@ class Service:
         self.cfg = cfg
         self.state = Path(cfg.state).absolute()
         self.ledger_file = state.ledger_path(self.state)
+        self._roots = sorted((os.path.realpath(w) for w in cfg.watch), key=len, reverse=True)
         self.detector: Any = None
         self.ledger: Ledger | None = None
         self.metrics: Metrics | None = None
@@ -441,6 +442,13 @@ class Service:
             for e in self.exporters:
                 e.notify()
 
+    def _root_of(self, path: str) -> str | None:
+        """The watched folder (symlinks resolved) that `path` lies in; None if none does."""
+        for root in self._roots:
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                return root
+        return None
+
     def _read(self, led: Ledger, cand: Candidate) -> tuple[os.stat_result, bytes, bool] | Verdict | None:
         """The file's stat and bytes, and whether the ledger has seen this (size, mtime); an error
         row; or None if the ledger already covers this exact file state (queued twice, or found
@@ -448,8 +456,13 @@ class Service:
         read even then: `cp -p` and fixed-size frames give new bytes the old size and mtime."""
         if cand.refused is None:
             try:
-                # Not following a final symlink: a watched file must not lead out of the folder.
-                st, data = read_file(cand.path, max_bytes=self.cfg.max_bytes, follow_symlinks=False)
+                # Not following any symlink from the watched folder down: a watched file must not
+                # lead out of the folder, even if a folder on its path was swapped for a link.
+                root = self._root_of(cand.path)
+                if root is None:
+                    raise ImageError("refused", f"{cand.path}: outside the watched folders")
+                st, data = read_file(cand.path, max_bytes=self.cfg.max_bytes, follow_symlinks=False,
+                                     beneath=root)
             except ImageError as e:
                 if e.errno in _TRANSIENT:
                     log.warning("cannot read %s now (%s); trying again", cand.path, e, extra={"path": cand.path})

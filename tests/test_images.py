@@ -127,3 +127,19 @@ def test_a_mode_that_will_not_convert_is_corrupt_not_a_crash() -> None:
     with pytest.raises(ImageError) as e:
         to_array(img, image_size=8, channels=1, name="odd.png")
     assert e.value.reason == "corrupt" and "odd.png" in str(e.value)
+
+
+def test_read_beneath_a_root_follows_no_link_on_the_way(tmp_path: Path, good_png: bytes) -> None:
+    from anomon.images import read_file
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "b" / "x.png").write_bytes(good_png)
+    (outside / "y.png").write_bytes(good_png)
+    assert read_file(root / "a" / "b" / "x.png", beneath=str(root))[1] == good_png
+    (root / "a" / "link").symlink_to(outside, target_is_directory=True)
+    for path in (root / "a" / "link" / "y.png", outside / "y.png", root / ".." / "outside" / "y.png"):
+        with pytest.raises(ImageError) as e:
+            read_file(path, beneath=str(root))
+        assert e.value.reason == "refused", path

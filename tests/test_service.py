@@ -651,3 +651,34 @@ def test_gif_is_scored_and_garbage_behind_a_png_signature_is_corrupt(shared: Dae
     assert got["frame.gif"]["verdict"] == "normal"
     assert (got["garbage.png"]["verdict"], got["garbage.png"]["reason"]) == ("error", "corrupt")
     wait_deltas(d, before, {err("corrupt"): 1, err("truncated"): 0, SCORED_N: 1})
+
+
+def test_a_folder_swapped_for_a_symlink_after_intake_is_never_read_through(daemon_factory, tiny_model: TinyModel,
+                                                                           tmp_path: Path) -> None:
+    """`sub/` is a real folder when the image arrives and a symlink to a folder outside by the time
+    the scorer reads it: the read must not follow it (O_NOFOLLOW on the last component alone let 55
+    outside files be read)."""
+    from conftest import anomalous_array
+
+    d = daemon_factory(tiny_model.path).start()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tiny_model.anomalous_png(outside / "x.png", 1)  # what a followed link would read
+    # Keep the scorer busy for a few seconds, so the swap happens between intake and read.
+    big = Image.fromarray(anomalous_array(np.random.default_rng(5))).resize((7000, 7000), Image.Resampling.NEAREST)
+    big.save(tmp_path / "big.png", format="PNG")
+    for i in range(4):
+        shutil.copy(tmp_path / "big.png", d.watch / f".big{i}.tmp")
+        os.rename(d.watch / f".big{i}.tmp", d.watch / f"big{i}.png")
+    sub = d.watch / "sub"
+    sub.mkdir()
+    tiny_model.normal_png(sub / "x.png", 2)
+    time.sleep(0.5)  # intake has handed it on (close-after-write is complete at once)
+    assert len(rows(d)) < 4, "the scorer was not busy: the race did not happen"
+    (sub / "x.png").unlink()
+    sub.rmdir()
+    sub.symlink_to(outside, target_is_directory=True)
+    d.wait_for(lambda: any(Path(r["path"]).name == "x.png" for r in rows(d)), 120, "a row for sub/x.png")
+    x = [r for r in rows(d) if Path(r["path"]).name == "x.png"]
+    assert [(r["verdict"], r["reason"]) for r in x] in ([("error", "refused")], [("error", "vanished")]), x
+    assert all(r["sha256"] is None for r in x)  # never read
