@@ -30,7 +30,6 @@ at-least-once export of that table, caught up at start from a cursor:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from anomon.config import watch_default
-from anomon.ledger import Ledger, iso
+from anomon.ledger import Ledger, iso, json_line
 from anomon.state import DEAD_LETTER_NAME, JSONL_NAME, cut_torn_tail, last_id
 
 log = logging.getLogger("anomon.alerts")
@@ -53,7 +52,7 @@ def append_line(path: Path, obj: Any) -> None:
     full disk, mid-append) is cut off first, so the new line never joins it into one bad line."""
     cut_torn_tail(path)
     with open(path, "ab") as f:
-        f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
+        f.write((json_line(obj) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -192,7 +191,7 @@ class WebhookSender(_ExportThread):
 
     def _deliver(self, alert: dict[str, Any]) -> bool:
         """Send until accepted or dead-lettered; False only if asked to stop meanwhile."""
-        body = json.dumps(alert, ensure_ascii=False).encode()
+        body = json_line(alert).encode()
         delay = 0.5
         while True:
             if self._expired(alert):

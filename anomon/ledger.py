@@ -401,13 +401,13 @@ class Ledger:
         """The reason of the path's latest row if that row is an error (else None): a file that
         stays unreadable is recorded once, not at every retry."""
         row = self._conn.execute(
-            "SELECT verdict, reason FROM images WHERE path = ? ORDER BY id DESC LIMIT 1", (path,)).fetchone()
+            "SELECT verdict, reason FROM images WHERE path = ? ORDER BY id DESC LIMIT 1", (db_path(path),)).fetchone()
         return str(row[1]) if row and row[0] == "error" else None
 
     def find(self, path: str, sha256: str) -> int | None:
         """The id of the image with these bytes at this path, if any."""
         row = self._conn.execute(
-            "SELECT id FROM images WHERE path = ? AND sha256 = ?", (path, sha256)).fetchone()
+            "SELECT id FROM images WHERE path = ? AND sha256 = ?", (db_path(path), sha256)).fetchone()
         return int(row[0]) if row else None
 
     # -- writing ---------------------------------------------------------------------------------
@@ -426,23 +426,24 @@ class Ledger:
                     "INSERT INTO images (path, size, mtime_ns, sha256, model_id, score, p_value, "
                     "threshold, verdict, reason, message, arrived_at, scored_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (v.path, v.size, v.mtime_ns, v.sha256, v.model_id, _num(v.score),
-                     _num(v.p_value), _num(v.threshold), v.verdict, v.reason, v.message,
+                    (db_path(v.path), v.size, v.mtime_ns, v.sha256, v.model_id, _num(v.score),
+                     _num(v.p_value), _num(v.threshold), v.verdict, v.reason, _text(v.message),
                      v.arrived_at, v.scored_at))
                 v.image_id = int(cur.lastrowid)  # type: ignore[arg-type]
                 if v.size is not None and v.mtime_ns is not None:
                     c.execute("INSERT OR REPLACE INTO seen (path, size, mtime_ns, image_id) "
-                              "VALUES (?, ?, ?, ?)", (v.path, v.size, v.mtime_ns, v.image_id))
+                              "VALUES (?, ?, ?, ?)", (db_path(v.path), v.size, v.mtime_ns, v.image_id))
                 if v.verdict == "anomalous":
                     cur = c.execute(
                         "INSERT INTO alerts (image_id, created_at, anomaly_image, heatmap) "
-                        "VALUES (?, ?, ?, ?)", (v.image_id, v.scored_at, v.anomaly_image, v.heatmap))
+                        "VALUES (?, ?, ?, ?)",
+                        (v.image_id, v.scored_at, db_path(v.anomaly_image), db_path(v.heatmap)))
                     v.alert_id = int(cur.lastrowid)  # type: ignore[arg-type]
             for s in sightings:
                 if s.image_id is None and s.of is not None:
                     s.image_id = s.of.image_id
                 c.execute("INSERT OR REPLACE INTO seen (path, size, mtime_ns, image_id) "
-                          "VALUES (?, ?, ?, ?)", (s.path, s.size, s.mtime_ns, s.image_id))
+                          "VALUES (?, ?, ?, ?)", (db_path(s.path), s.size, s.mtime_ns, s.image_id))
             raised = [v.alert_id for v in verdicts if v.alert_id is not None]
             if raised:
                 # Before the commit: the marker never says less than the ledger holds, so a
@@ -473,6 +474,38 @@ class Ledger:
     def pending_alerts(self, since_id: int) -> int:
         """How many alerts have an id above `since_id` (an exporter's backlog)."""
         return int(self._conn.execute("SELECT COUNT(*) FROM alerts WHERE id > ?", (since_id,)).fetchone()[0])
+
+
+def db_path(path: str | None) -> str | bytes | None:
+    """A path as SQLite stores it, losslessly: text when it is valid UTF-8, else its raw bytes (a
+    BLOB). Linux file names are bytes; one like b"bad\\xff.png" has no text form, and Python hands
+    it over as a str with lone surrogates, which SQLite's text cannot hold."""
+    if path is None:
+        return None
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def from_db_path(value: str | bytes | None) -> str | None:
+    """The inverse of db_path: the path as Python's os functions take it."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def json_line(obj: Any) -> str:
+    """One JSON line for rows and alerts the ledger hands out: UTF-8 text as is, and the bytes of a
+    path that are not UTF-8 as \\udcXX escapes, which JSON readers (and json.loads) take back
+    losslessly. Plain json.dumps(ensure_ascii=False) makes a str that cannot be written."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _text(message: str | None) -> str | None:
+    """Display text (a message naming an odd path) with undecodable bytes shown as \\udcXX."""
+    if message is None:
+        return None
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _num(x: float | None) -> float | None:
@@ -510,7 +543,7 @@ def ledger_id_of(conn: sqlite3.Connection) -> str:
 
 def is_seen(conn: sqlite3.Connection, path: str, size: int, mtime_ns: int) -> bool:
     row = conn.execute("SELECT 1 FROM seen WHERE path = ? AND size = ? AND mtime_ns = ?",
-                       (path, size, mtime_ns)).fetchone()
+                       (db_path(path), size, mtime_ns)).fetchone()
     return row is not None
 
 
@@ -561,10 +594,10 @@ def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
         out.append({
             "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
             "time": iso(r["created_at"]),
-            "created_at": r["created_at"], "path": r["path"], "score": r["score"],
+            "created_at": r["created_at"], "path": from_db_path(r["path"]), "score": r["score"],
             "p_value": r["p_value"], "threshold": r["threshold"], "model_id": r["model_id"],
             "sha256": r["sha256"], "size": r["size"], "image_id": r["image_id"],
-            "anomaly_image": r["anomaly_image"], "heatmap": r["heatmap"],
+            "anomaly_image": from_db_path(r["anomaly_image"]), "heatmap": from_db_path(r["heatmap"]),
         })
     return out
 
@@ -583,6 +616,7 @@ def verdict_rows(conn: sqlite3.Connection, *, since: float | None = None,
     sql += " ORDER BY scored_at, id"
     for r in conn.execute(sql, args):
         d = dict(r)
+        d["path"] = from_db_path(d["path"])
         d["arrived"] = iso(d.pop("arrived_at"))
         d["scored"] = iso(d.pop("scored_at"))
         yield d

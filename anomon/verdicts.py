@@ -6,7 +6,6 @@ Reads through a read-only connection, so it is safe while the daemon runs.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import time
 from collections.abc import Iterable
@@ -14,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from anomon.ledger import LedgerError, open_readonly, verdict_rows
+from anomon.ledger import LedgerError, json_line, open_readonly, verdict_rows
 from anomon.state import ledger_path
 
 FIELDS = ["id", "scored", "verdict", "score", "p_value", "threshold", "reason", "model_id", "path",
@@ -47,6 +46,11 @@ def parse_since(text: str, now: float | None = None) -> float:
     return dt.timestamp()
 
 
+def _shown(path: str) -> str:
+    """A path for a table or CSV: bytes that are not UTF-8 as \\udcXX, never an encoding error."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _table(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
     n = 0
     out.write(f"{'scored (UTC)':<24} {'verdict':<10} {'score':>10} {'p-value':>8}  {'model':<16} path\n")
@@ -57,7 +61,7 @@ def _table(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
         score = f"{r['score']:.5g}" if r["score"] is not None else ""
         p = f"{r['p_value']:.4f}" if r["p_value"] is not None else ""
         out.write(f"{r['scored']:<24} {verdict:<10} {score:>10} {p:>8}  {r['model_id'] or '':<16} "
-                  f"{r['path']}\n")
+                  f"{_shown(r['path'])}\n")
         n += 1
     return n
 
@@ -79,9 +83,9 @@ def write_verdicts(state_dir: Path, out: TextIO, *, since: float | None = None,
             writer.writeheader()
         for r in rows:
             if writer:
-                writer.writerow(r)
+                writer.writerow({**r, "path": _shown(r["path"])})
             else:
-                out.write(json.dumps({k: r[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+                out.write(json_line({k: r[k] for k in FIELDS}) + "\n")
             n += 1
         return n
     finally:

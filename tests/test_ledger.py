@@ -363,3 +363,22 @@ def test_an_unreadable_marker_is_rewritten_and_new_alerts_get_a_new_epoch(tmp_pa
     led.close()
     assert any("ledger-marker.json" in r.getMessage() for r in caplog.records)
     assert json.loads((tmp_path / "ledger-marker.json").read_text())["max_alert_id"] == 3
+
+
+def test_a_path_that_is_not_utf8_is_stored_losslessly(tmp_path: Path) -> None:
+    """Linux names are bytes: b"bad\\xff.png" is kept as its bytes, found again by the same str,
+    and handed out as the str Python's os functions take."""
+    import os
+
+    from anomon.ledger import json_line, verdict_rows
+
+    odd = os.fsdecode(b"/w/bad\xff.png")
+    led = Ledger.open(tmp_path / "ledger.sqlite3")
+    led.record([Verdict(path=odd, verdict="anomalous", arrived_at=1.0, scored_at=2.0, size=3, mtime_ns=4,
+                        sha256="s", score=9.0, threshold=1.0, message=f"{odd}: fine")])
+    assert led.is_seen(odd, 3, 4) and led.find(odd, "s") is not None and not led.is_seen("/w/bad.png", 3, 4)
+    row, = verdict_rows(led._conn)
+    assert os.fsencode(row["path"]) == b"/w/bad\xff.png"
+    alert, = led.alerts_after(0)
+    assert json.loads(json_line(alert))["path"] == odd
+    led.close()

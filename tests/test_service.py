@@ -682,3 +682,42 @@ def test_a_folder_swapped_for_a_symlink_after_intake_is_never_read_through(daemo
     x = [r for r in rows(d) if Path(r["path"]).name == "x.png"]
     assert [(r["verdict"], r["reason"]) for r in x] in ([("error", "refused")], [("error", "vanished")]), x
     assert all(r["sha256"] is None for r in x)  # never read
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_once_and_breaks_nothing(daemon_factory, tiny_model: TinyModel) -> None:
+    """`bad\\xff.png` (bytes no encoding can name) could not be stored: the start-up scan failed,
+    every rescan crashed, files after it in directory order were never scored."""
+    from conftest import anomalous_array
+
+    d = daemon_factory(tiny_model.path, reconcile_interval_s=1.0).start()
+    odd = os.path.join(os.fsencode(d.watch), b"bad\xff.png")
+    with open(odd, "wb") as f:
+        f.write(png_bytes(tiny_model.normals[0], tag="odd"))
+    for i in range(3):
+        tiny_model.normal_png(d.watch / f"n{i}.png", i)
+
+    def by_name() -> dict[bytes, dict[str, Any]]:
+        return {os.path.basename(r["path"] if isinstance(r["path"], bytes) else os.fsencode(r["path"])): r
+                for r in rows(d)}
+
+    with open(os.path.join(os.fsencode(d.watch), b"spot\xfe.png"), "wb") as f:  # and an alert for one
+        f.write(png_bytes(anomalous_array(np.random.default_rng(4)), tag="odd-alert"))
+    d.wait_for(lambda: len(by_name()) == 5, 30, "5 rows")
+    assert by_name()[b"bad\xff.png"]["verdict"] == "normal"
+    assert by_name()[b"spot\xfe.png"]["verdict"] == "anomalous"
+    alert, = d.get("/alerts?since=0").json()["alerts"]
+    assert os.fsencode(alert["path"]).endswith(b"spot\xfe.png") and Path(alert["heatmap"]).is_file()
+    d.wait_for(lambda: (d.state / "alerts.jsonl").is_file(), 10, "alerts.jsonl")
+    line, = (d.state / "alerts.jsonl").read_text().splitlines()
+    assert os.fsencode(json.loads(line)["path"]).endswith(b"spot\xfe.png")  # lossless
+    time.sleep(2.5)  # rescans over the odd name
+    assert d.stop() == 0
+    d.start()
+    tiny_model.normal_png(d.watch / "n9.png", 9)
+    d.wait_for(lambda: len(by_name()) == 6, 30, "the file after a restart")
+    assert len(rows(d)) == 6  # nothing twice
+    text = "\n".join(str(line.get("msg")) for line in d.log_lines())
+    assert "Traceback" not in d.log_path.read_text() and "intake error" not in text
+    r = subprocess.run(ANOMON + ["verdicts", "--state", str(d.state), "--format", "jsonl"], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0 and "bad\\udcff.png" in r.stdout, r.stdout + r.stderr
