@@ -59,6 +59,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from anomon import __version__, bundle
+from anomon.atomic import atomic_write
 from anomon.calibrate import ConformalThreshold, exceeds
 from anomon.config import TrainConfig
 from anomon.calibrate import p_values as conformal_p_values
@@ -510,7 +511,7 @@ class Detector:
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the bundle atomically (temp file, fsync, rename, fsync dir); returns model_id."""
-        bundle.atomic_write(Path(path), self.to_bytes())
+        atomic_write(Path(path), self.to_bytes())
         return self.model_id
 
     @classmethod

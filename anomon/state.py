@@ -11,8 +11,8 @@
 Every module that reads or writes the folder takes its names from here, so the layout cannot
 drift apart between the daemon, `anomon verdicts` and the demo. So do the folder's small file
 chores: the marker (written atomically), the JSONL files' torn last lines, and the question "has
-a ledger lived here?", which anomon.ledger asks before creating one (this module imports no
-other anomon module, so the ledger and the exporters can both use it).
+a ledger lived here?", which anomon.ledger asks before creating one (this module imports only
+anomon.atomic, so the ledger and the exporters can both use it).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from anomon.atomic import atomic_write
 
 log = logging.getLogger("anomon.state")
 
@@ -84,29 +85,6 @@ def holder(state_dir: str | os.PathLike[str]) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------ atomic files
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one, never a mix:
-    temporary file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # ------------------------------------------------------------------------------ the ledger marker
 
 
@@ -139,7 +117,7 @@ def read_marker(state_dir: str | os.PathLike[str]) -> Marker | None:
 
 def write_marker(state_dir: str | os.PathLike[str], marker: Marker) -> None:
     data = {"ledger_id": marker.ledger_id, "epoch": marker.epoch, "max_alert_id": marker.max_alert_id}
-    write_atomically(Path(state_dir) / MARKER_NAME, (json.dumps(data) + "\n").encode())
+    atomic_write(Path(state_dir) / MARKER_NAME, (json.dumps(data) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------ JSONL files

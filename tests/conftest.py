@@ -176,6 +176,16 @@ class Daemon(DaemonProcess):
         }
         super().__init__(workdir, {**defaults, **cfg}, env={"OMP_NUM_THREADS": "1"}, cwd=REPO)
 
+    def table(self, name: str = "images") -> list[dict[str, Any]]:
+        """Every row of a ledger table (images, alerts), oldest first, read-only."""
+        from anomon.ledger import open_readonly
+
+        conn = open_readonly(self.state / "ledger.sqlite3")
+        try:
+            return [dict(r) for r in conn.execute(f"SELECT * FROM {name} ORDER BY id")]
+        finally:
+            conn.close()
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from anomon import bundle
+from anomon.atomic import atomic_write
 from anomon.errors import BundleError
 
 META = {"format": bundle.BUNDLE_FORMAT, "threshold": 1.5, "calibration": {"n": 3, "calibrated_at": "t0"},
@@ -24,7 +25,7 @@ def test_round_trip_and_what_the_id_covers(tmp_path: Path) -> None:
     assert bundle.dumps({**META, "threshold": 1.6}, tensors)[1] != model_id
     assert bundle.dumps(META, {"w": tensors["w"] + 1})[1] != model_id
     path = tmp_path / "m.anomon"
-    bundle.atomic_write(path, data)
+    atomic_write(path, data)
     assert bundle.read(path) == data and not list(tmp_path.glob(".*tmp"))
 
 

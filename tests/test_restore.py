@@ -14,18 +14,13 @@ from typing import Any
 
 import pytest
 
-from anomon.ledger import open_readonly
 from conftest import Daemon, TinyModel, WebhookReceiver
 
 pytestmark = pytest.mark.e2e
 
 
 def rows(d: Daemon) -> list[dict[str, Any]]:
-    conn = open_readonly(d.state / "ledger.sqlite3")
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM images ORDER BY id")]
-    finally:
-        conn.close()
+    return d.table("images")
 
 
 def jsonl(d: Daemon) -> list[dict[str, Any]]:

@@ -50,11 +50,7 @@ def rows(d: Daemon, under: Path | None = None) -> list[dict[str, Any]]:
 
 
 def alert_rows(d: Daemon) -> list[dict[str, Any]]:
-    conn = open_readonly(d.state / "ledger.sqlite3")
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM alerts ORDER BY id")]
-    finally:
-        conn.close()
+    return d.table("alerts")
 
 
 def wait_rows(d: Daemon, under: Path, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
