@@ -166,17 +166,16 @@ def score_anomon(
 ) -> tuple[np.ndarray, list[np.ndarray], tuple[int, ...], float]:
     """(scores, maps if kept, map shape, seconds) in batches of 32; the time covers decoding and
     preprocessing too, as a user's scoring would. Maps are (h, w), not necessarily square."""
-    from anomon.images import load_image
+    from anomon.scoring import prepare
 
     scores, maps, shape = [], [], ()
     t0 = time.perf_counter()
-    for i in range(0, len(samples), BATCH):
-        x = np.stack([det.preprocess(load_image(s.path)) for s in samples[i : i + BATCH]])
-        s, m = det.score_with_maps(x)
-        scores.append(s)
-        shape = tuple(m.shape[1:])
+    for i in range(0, len(samples), BATCH):  # the daemon's path: read, decode, preprocess, assess
+        a = det.assess(np.stack([prepare(det, s.path).x for s in samples[i : i + BATCH]]))
+        scores.append(a.scores)
+        shape = tuple(a.maps.shape[1:])
         if keep_maps:
-            maps.extend(m)
+            maps.extend(a.maps)
     return np.concatenate(scores) if scores else np.zeros(0), maps, shape, time.perf_counter() - t0
 
 
