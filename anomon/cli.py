@@ -428,6 +428,16 @@ signals:
   SIGTERM, SIGINT  stop: finish the batch in hand; images still waiting are scored at the next start
   SIGHUP           reload the model file (also automatic when the file is replaced); a bundle that
                    fails to load is refused and the old model keeps serving
+  SIGUSR1          reset the drift test: its evidence starts again (systemd: `systemctl kill
+                   --kill-whom=main -s USR1 anomon`)
+
+drift: after every image judged normal, a test martingale weighs the evidence that images no longer
+look like the calibration images (a dimming lamp, a dirty lens, a moved camera: every score a little
+higher, none over the threshold). /metrics: anomon_drift_martingale_log10; when it reaches
+log10(1/drift_alpha) (2 at the default 0.01) the daemon logs a DRIFT warning, records the alarm in the
+ledger (table drift_alarms) and counts it in anomon_drift_alarms_total; a false alarm has probability
+at most drift_alpha per reset. The evidence is kept in the ledger across restarts; it starts again when
+another model serves and on SIGUSR1 (after fixing the cause, or recalibrating for a wanted change).
 
 state folder: ledger.sqlite3 (every verdict, exactly once), alerts.jsonl, anomalies/ (copies and
 heat maps of anomalous images), the webhook spool and dead letters, and a lock (one daemon per folder).

@@ -92,6 +92,9 @@ class WatchConfig(BaseModel):
     webhook_max_age_s: float = Field(7 * 86400.0, gt=0)  # older undelivered alerts: dead-lettered
     webhook_max_backoff_s: float = Field(60.0, gt=0)  # retry delays double from 0.5 s up to this
 
+    # drift (anomon.drift): a false drift alarm has probability at most drift_alpha per reset
+    drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+
     # lifecycle
     stop_timeout_s: float = Field(10.0, gt=0)
     log_format: Literal["auto", "json", "text"] = "auto"

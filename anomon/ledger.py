@@ -26,6 +26,12 @@ id and a new *epoch* (random) begins, which goes into the Idempotency-Key of the
 it (see `alert_key`). The marker is rewritten before every commit that raises alerts, so it never
 lags behind the ledger.
 
+Drift (anomon.drift): the drift test of each line keeps its state in `drift` (one JSON row a
+line) and the scores it has seen in `drift_bag` (a histogram), written in the same transaction as
+the verdicts they came from, so a crash neither loses nor counts twice an image's bet; each alarm
+is a row of `drift_alarms`. These tables are created if absent at every open (an additive change:
+schema 1 still, and a ledger without them is read as before).
+
 Connections belong to one thread each (sqlite3's default check): the scoring worker writes through
 its `Ledger`; other threads call `Ledger.reopen()` or `open_readonly()` for their own connection.
 """
@@ -93,6 +99,27 @@ CREATE TABLE alerts (
 );
 CREATE TABLE exports (name TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 """
+# Added after schema 1 shipped: created at every open when absent.
+_DRIFT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS drift (line TEXT PRIMARY KEY, state TEXT NOT NULL);  -- JSON, anomon.drift
+CREATE TABLE IF NOT EXISTS drift_bag (
+    line TEXT NOT NULL,
+    key INTEGER NOT NULL,        -- a score rounded to 10 significant bits (anomon.drift.score_keys)
+    n INTEGER NOT NULL,          -- images tested since the line's last reset with this key
+    PRIMARY KEY (line, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drift_alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    line TEXT NOT NULL,
+    raised_at REAL NOT NULL,
+    model_id TEXT,
+    log10_martingale REAL NOT NULL,
+    alpha REAL NOT NULL,
+    images INTEGER NOT NULL,     -- images tested since the reset, the one that crossed included
+    image_id INTEGER REFERENCES images (id),  -- the image that took the martingale to 1/alpha
+    reset_at REAL                -- the reset the evidence was gathered since
+);
+"""
 
 
 class LedgerError(Exception):
@@ -135,6 +162,34 @@ class Sighting:
     mtime_ns: int
     image_id: int | None = None
     of: Verdict | None = None
+
+
+@dataclass
+class DriftAlarm:
+    """A drift test's martingale reached 1/alpha (anomon.drift); `at` is the image that took it
+    there, recorded in the same batch (its id is known once inserted)."""
+
+    line: str
+    raised_at: float
+    model_id: str
+    log10_martingale: float
+    alpha: float
+    images: int
+    reset_at: float | None = None
+    at: Verdict | None = None
+    alarm_id: int | None = None  # filled in by Ledger.record
+
+
+@dataclass
+class DriftRecord:
+    """One line's drift state to write: its JSON `state`, the score keys to add to its bag, and
+    an alarm if this batch raised one. `reset` empties the bag first (a reset's own record)."""
+
+    line: str
+    state: str
+    added: Sequence[tuple[int, int]] = ()
+    alarm: DriftAlarm | None = None
+    reset: bool = False
 
 
 def _connect(path: Path, *, readonly: bool = False, same_thread: bool = True) -> sqlite3.Connection:
@@ -312,6 +367,7 @@ class Ledger:
             else:
                 ledger_id = cls._create(conn, state.highest_alert_id(path.parent, marker))
                 epochs = []
+            conn.executescript("BEGIN IMMEDIATE;" + _DRIFT_SCHEMA + "COMMIT;")
             led = cls(path, conn, ledger_id, epochs)
             led._write_marker(_alert_sequence(conn))
             return led
@@ -412,8 +468,10 @@ class Ledger:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def record(self, verdicts: Sequence[Verdict], sightings: Sequence[Sighting] = ()) -> None:
-        """Record a batch in ONE transaction: rows, seen marks, and an alert per anomalous image.
+    def record(self, verdicts: Sequence[Verdict], sightings: Sequence[Sighting] = (),
+               drift: DriftRecord | None = None) -> None:
+        """Record a batch in ONE transaction: rows, seen marks, an alert per anomalous image, and
+        the drift test's state after these images (`drift`).
 
         Fills in `image_id` (and `alert_id` for anomalous ones) on each Verdict. All or nothing:
         on any error the transaction is rolled back and the exception propagates.
@@ -444,6 +502,8 @@ class Ledger:
                     s.image_id = s.of.image_id
                 c.execute("INSERT OR REPLACE INTO seen (path, size, mtime_ns, image_id) "
                           "VALUES (?, ?, ?, ?)", (db_path(s.path), s.size, s.mtime_ns, s.image_id))
+            if drift is not None:
+                self._write_drift(drift)
             raised = [v.alert_id for v in verdicts if v.alert_id is not None]
             if raised:
                 # Before the commit: the marker never says less than the ledger holds, so a
@@ -456,7 +516,48 @@ class Ledger:
                 c.execute("ROLLBACK")
             for v in verdicts:
                 v.image_id = v.alert_id = None
+            if drift is not None and drift.alarm is not None:
+                drift.alarm.alarm_id = None
             raise
+
+    def _write_drift(self, d: DriftRecord) -> None:
+        c = self._conn
+        if d.reset:
+            c.execute("DELETE FROM drift_bag WHERE line = ?", (d.line,))
+        c.execute("INSERT INTO drift (line, state) VALUES (?, ?) "
+                  "ON CONFLICT (line) DO UPDATE SET state = excluded.state", (d.line, d.state))
+        c.executemany("INSERT INTO drift_bag (line, key, n) VALUES (?, ?, ?) "
+                      "ON CONFLICT (line, key) DO UPDATE SET n = n + excluded.n",
+                      [(d.line, int(k), int(n)) for k, n in d.added])
+        a = d.alarm
+        if a is not None:
+            cur = c.execute(
+                "INSERT INTO drift_alarms (line, raised_at, model_id, log10_martingale, alpha, images, "
+                "image_id, reset_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (a.line, a.raised_at, a.model_id, a.log10_martingale, a.alpha, a.images,
+                 a.at.image_id if a.at is not None else None, a.reset_at))
+            a.alarm_id = int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def write_drift(self, d: DriftRecord) -> None:
+        """Write a drift state on its own (a reset), in one transaction."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._write_drift(d)
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def drift(self, line: str) -> tuple[str, list[tuple[int, int]]] | None:
+        """A line's stored drift state (JSON) and bag, or None if it has none."""
+        row = self._conn.execute("SELECT state FROM drift WHERE line = ?", (line,)).fetchone()
+        if row is None:
+            return None
+        bag = [(int(k), int(n)) for k, n in
+               self._conn.execute("SELECT key, n FROM drift_bag WHERE line = ? ORDER BY key", (line,))]
+        return str(row[0]), bag
 
     def cursor(self, name: str) -> int:
         """The last alert id an exporter (alerts.jsonl, webhook) has handled."""

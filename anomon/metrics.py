@@ -31,6 +31,7 @@ from anomon.errors import REASONS
 VERDICTS: tuple[str, ...] = ("normal", "anomalous")
 RELOAD_RESULTS: tuple[str, ...] = ("success", "failure")
 WEBHOOK_RESULTS: tuple[str, ...] = ("success", "retry", "dead_letter")
+DRIFT_RESET_REASONS: tuple[str, ...] = ("model", "operator")
 
 # Score buckets as multiples of the detector's threshold: the interesting region is near the
 # threshold (is the line drifting towards it?), not near zero. The buckets are fixed for the life of
@@ -47,6 +48,11 @@ DURATION_BUCKETS: tuple[float, ...] = (
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 )
+
+
+# Conformal p-values (the verdicts'): uniform on normal images like the calibration ones, piling up
+# near 0 when images drift towards higher scores. Fixed buckets, so rates compare across models.
+P_VALUE_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def score_buckets(threshold: float) -> tuple[float, ...]:
@@ -128,6 +134,28 @@ class Metrics:
             "1 when the watcher polls the folders (configured, or fallback after the inotify "
             "watch limit was reached), 0 with inotify.", registry=r)
 
+        self.p_value = Histogram(
+            "anomon_p_value",
+            "Conformal p-value of each scored image: the share of calibration scores at or above its "
+            "score. Uniform while images look like the calibration images; piles up near 0 when they "
+            "drift towards higher scores.", buckets=P_VALUE_BUCKETS, registry=r)
+        self.drift_log10 = Gauge(
+            "anomon_drift_martingale_log10",
+            "log10 of the drift test's martingale: the evidence that the images judged normal no "
+            "longer look like the calibration images, gathered since the last reset (0 at a reset; "
+            "log10(1/drift_alpha) = an alarm, 2 at the default 0.01).", registry=r)
+        self.drift_images = Gauge(
+            "anomon_drift_images",
+            "Images judged normal that the drift test has seen since its last reset.", registry=r)
+        self.drift_alarms = Counter(
+            "anomon_drift_alarms_total",
+            "Drift alarms: the martingale reached 1/drift_alpha for the first time since a reset "
+            "(recorded in the ledger's drift_alarms table).", registry=r)
+        self.drift_resets = Counter(
+            "anomon_drift_resets_total",
+            "Drift test resets, by reason (model = another model serves; operator = SIGUSR1).",
+            ["reason"], registry=r)
+
         for v in VERDICTS:
             self.images_scored.labels(verdict=v)
         for reason in REASONS:
@@ -136,6 +164,8 @@ class Metrics:
             self.model_reloads.labels(result=res)
         for res in WEBHOOK_RESULTS:
             self.webhook_deliveries.labels(result=res)
+        for reason in DRIFT_RESET_REASONS:
+            self.drift_resets.labels(reason=reason)
         self.build_info.info({"version": __version__})
         self.score_threshold.set(threshold)
 

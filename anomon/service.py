@@ -10,6 +10,10 @@ Threads, and the one job each has:
 - HTTP: /metrics /healthz /readyz /alerts (anomon.web);
 - main: signals, model reloads, systemd notifications, gauges.
 
+The scoring worker also owns the drift test (anomon.drift): it bets on each batch's scores, and the
+test's new state goes into the batch's ledger transaction. It starts again when another model
+serves (the worker notices the new model_id between batches) and on SIGUSR1 (the operator's reset).
+
 Nothing is marked done before its verdict is committed, so `kill -9` at any point loses nothing:
 the start-up rescan finds every file the ledger has not recorded. SIGTERM stops intake, lets the
 worker finish the batch in hand, and leaves the rest to the next start's rescan.
@@ -17,6 +21,7 @@ worker finish the batch in hand, and leaves the rest to the next start's rescan.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import logging
@@ -33,11 +38,13 @@ from anomon import state
 from anomon.alerts import JsonlExporter, WebhookSender
 from anomon.anomalies import AnomalyStore
 from anomon.config import WatchConfig
+from anomon.drift import DriftTest, Step
 from anomon.errors import StartupError
 from anomon.heap import HeapTrimmer
 from anomon.images import ImageError, read_file
 from anomon.intake import Candidate, Intake
-from anomon.ledger import Ledger, LedgerError, Sighting, Verdict, is_seen, open_readonly
+from anomon.ledger import (DriftAlarm, DriftRecord, Ledger, LedgerError, Sighting, Verdict, is_seen,
+                           open_readonly)
 from anomon.logs import setup_logging
 from anomon.metrics import Metrics
 from anomon.scoring import Prepared, decode, records
@@ -58,6 +65,8 @@ _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, 
 # Errors that may clear up (an operator fixes the permissions): recorded once, as "unreadable",
 # without marking the file's state seen, so every rescan tries it again and a fixed file is scored.
 _RETRIED = frozenset({errno.EACCES, errno.EPERM})
+# The drift test's line (anomon.drift): today one daemon, one model, one line.
+DRIFT_LINE = ""
 
 
 # ------------------------------------------------------------------------------ reading one file
@@ -110,6 +119,8 @@ class Service:
         self._lock_fd: int | None = None
         self._model_stat: tuple[int, int, int] | None = None
         self._ready_sent = False
+        self.drift: DriftTest | None = None  # the scoring worker's, once it runs
+        self._drift_reset = threading.Event()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -149,6 +160,11 @@ class Service:
             self.ledger = Ledger.open(self.ledger_file, new_ledger=cfg.new_ledger)
         except LedgerError as e:
             raise StartupError(str(e)) from None
+        try:
+            self.drift = self._resume_drift(self.ledger, det)
+        except Exception as e:  # sqlite3 errors: a ledger that opened but cannot be written
+            raise StartupError(f"ledger {self.ledger_file}: cannot read or write the drift test's "
+                               f"state ({type(e).__name__}: {e})") from None
         if cfg.anomalies_dir:
             self.anomalies = AnomalyStore(self.state / state.ANOMALIES_DIR, cfg.anomalies_max_bytes)
             import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
@@ -244,6 +260,10 @@ class Service:
     def request_reload(self) -> None:
         self._reload.set()
 
+    def request_drift_reset(self) -> None:
+        """The operator's reset (SIGUSR1); the scoring worker carries it out between batches."""
+        self._drift_reset.set()
+
     def shutdown(self, started: bool = True) -> None:
         """Stop intake, let the worker finish the batch in hand, stop the exporters and HTTP; all
         within stop_timeout_s. Images still queued are not lost: the next start's rescan has them.
@@ -324,6 +344,7 @@ class Service:
         try:
             while not self._worker_stop.is_set():
                 self._worker_beat = time.monotonic()
+                self._drift_chores(writer)
                 try:
                     batch = [self.queue.get(timeout=0.2)]
                 except queue.Empty:
@@ -356,6 +377,8 @@ class Service:
         det = self.detector  # one model for the whole batch, even if a reload lands meanwhile
         m = self.metrics
         assert m is not None
+        if self.drift is not None and self.drift.model_id != det.model_id:
+            self._reset_drift(led, "model", det)
         t0 = time.perf_counter()
         verdicts: list[Verdict] = []
         sightings: list[Sighting] = []
@@ -411,7 +434,10 @@ class Service:
         elapsed = time.perf_counter() - t0
         if not verdicts and not sightings:
             return
-        led.record(verdicts, sightings)  # THE checkpoint: after scoring, one transaction
+        drift, step, drift_record = self._drift_step(det, verdicts)
+        led.record(verdicts, sightings, drift_record)  # THE checkpoint: after scoring, one transaction
+        if drift is not None and step is not None:
+            self._drift_taken(drift, step, drift_record)
 
         per_image = elapsed / max(1, len(scorable))
         cand_of = {(s.cand.path, s.sha256): s.cand for s in scorable}
@@ -424,6 +450,8 @@ class Service:
                 continue
             m.images_scored.labels(verdict=v.verdict).inc()
             m.anomaly_score.observe(v.score if v.score is not None else float("inf"))
+            if v.p_value is not None:
+                m.p_value.observe(v.p_value)
             m.scoring_duration.observe(per_image)
             cand = cand_of[(v.path, v.sha256)]  # type: ignore[index]
             m.intake_latency.observe(max(0.0, v.scored_at - cand.completed_at))
@@ -441,6 +469,111 @@ class Service:
         if alerts:
             for e in self.exporters:
                 e.notify()
+
+    # -- the drift test (scoring worker; start() before the worker runs) ----------------------
+
+    def _new_drift(self, det: Any) -> DriftTest:
+        return DriftTest.for_detector(det, alpha=self.cfg.drift_alpha, line=DRIFT_LINE)
+
+    def _resume_drift(self, led: Ledger, det: Any) -> DriftTest:
+        """The drift test as the ledger left it for this model, or a fresh one (recorded)."""
+        test = self._new_drift(det)
+        stored = led.drift(test.line)
+        if stored is not None:
+            refused = test.restore(*stored)
+            if refused is None:
+                log.info("drift test resumed: martingale 10^%.3g after %d image(s) judged normal since "
+                         "its reset (%s)", test.log10, test.images, test.reset_reason,
+                         extra={"drift_log10": test.log10, "drift_images": test.images})
+                self._show_drift(test)
+                return test
+            why, message = refused
+            if why == "model":
+                assert self.metrics is not None
+                self.metrics.drift_resets.labels(reason="model").inc()
+                test.reset("model")
+            log.info("drift test starts again from the calibration images: %s", message,
+                     extra={"drift_reset": why})
+        led.write_drift(DriftRecord(test.line, test.state_json(), reset=True))
+        self._show_drift(test)
+        return test
+
+    def _reset_drift(self, led: Ledger, reason: str, det: Any = None) -> None:
+        """Start the evidence again: for another model (`det`), or the operator's reset."""
+        old = self.drift
+        assert old is not None and self.metrics is not None
+        if det is not None:
+            new = self._new_drift(det)
+        else:
+            new = copy.copy(old)  # reset() replaces the arrays it holds, so the two share nothing
+        new.reset(reason)
+        led.write_drift(DriftRecord(new.line, new.state_json(), reset=True))
+        self.drift = new
+        self.metrics.drift_resets.labels(reason=reason).inc()
+        self._show_drift(new)
+        why = ("by the operator (SIGUSR1)" if reason == "operator"
+               else f"for model {new.model_id} (was {old.model_id})")
+        log.info("drift test reset %s: martingale was 10^%.3g after %d image(s) judged normal; the "
+                 "evidence starts again from the calibration images", why, old.log10, old.images,
+                 extra={"drift_reset": reason, "drift_log10": old.log10, "drift_images": old.images,
+                        "model_id": new.model_id})
+
+    def _drift_chores(self, led: Ledger) -> None:
+        """Between batches: the operator's reset, and a reset for a model that just began serving
+        (so the gauge shows it at once, not at the next image)."""
+        if self.drift is None:
+            return
+        try:
+            if self._drift_reset.is_set():
+                self._reset_drift(led, "operator")
+                self._drift_reset.clear()
+            det = self.detector
+            if det is not None and self.drift.model_id != det.model_id:
+                self._reset_drift(led, "model", det)
+        except Exception:  # e.g. a full disk: the test keeps its evidence until the write succeeds
+            log.exception("could not reset the drift test; trying again in a second")
+            self._worker_stop.wait(1.0)
+
+    def _drift_step(self, det: Any, verdicts: list[Verdict]
+                    ) -> tuple[DriftTest | None, Step | None, DriftRecord | None]:
+        """The drift test's bet on this batch's scores, and what the ledger is to record of it."""
+        drift = self.drift
+        scored = [v for v in verdicts if v.verdict != "error" and v.score is not None]
+        if drift is None or not scored:
+            return None, None, None
+        step = drift.step([v.score for v in scored])
+        alarm = None
+        if step.alarm is not None:
+            alarm = DriftAlarm(line=drift.line, raised_at=time.time(), model_id=det.model_id,
+                               log10_martingale=step.alarm.log10, alpha=drift.alpha,
+                               images=step.alarm.images, reset_at=drift.reset_at,
+                               at=scored[step.alarm.index])
+        record = DriftRecord(drift.line, drift.state_json(after=step), added=list(step.added.items()),
+                             alarm=alarm)
+        return drift, step, record
+
+    def _drift_taken(self, drift: DriftTest, step: Step, record: DriftRecord | None) -> None:
+        """After the ledger recorded the batch: move the test, the gauges, and say any alarm."""
+        drift.apply(step)
+        self._show_drift(drift)
+        alarm = record.alarm if record is not None else None
+        if alarm is not None:
+            assert self.metrics is not None
+            self.metrics.drift_alarms.inc()
+            log.warning(
+                "DRIFT: the images judged normal no longer look like the calibration images "
+                "(martingale 10^%.3g >= 1/alpha = %g after %d image(s) since the drift test's reset; a "
+                "false alarm has probability at most %g). Check the camera, lighting and lens; "
+                "recalibrate (anomon calibrate) if the change is wanted; SIGUSR1 resets the test",
+                alarm.log10_martingale, 1.0 / alarm.alpha, alarm.images, alarm.alpha,
+                extra={"drift_alarm_id": alarm.alarm_id, "drift_log10": alarm.log10_martingale,
+                       "drift_images": alarm.images, "image_id": alarm.at.image_id if alarm.at else None,
+                       "model_id": alarm.model_id})
+
+    def _show_drift(self, drift: DriftTest) -> None:
+        if self.metrics is not None:
+            self.metrics.drift_log10.set(drift.log10)
+            self.metrics.drift_images.set(drift.images)
 
     def _root_of(self, path: str) -> str | None:
         """The watched folder (symlinks resolved) that `path` lies in; None if none does."""
@@ -519,6 +652,7 @@ def run(cfg: WatchConfig) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda s, f: svc.request_reload())
+    signal.signal(signal.SIGUSR1, lambda s, f: svc.request_drift_reset())
     t_start = time.monotonic()
     try:
         svc.start()

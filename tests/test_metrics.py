@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from anomon.daemon_process import parse_metrics
 from anomon.errors import REASONS
-from anomon.metrics import SCORE_BUCKET_FACTORS, Metrics, score_buckets
+from anomon.metrics import P_VALUE_BUCKETS, SCORE_BUCKET_FACTORS, Metrics, score_buckets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,9 @@ REQUIRED = {
     "anomon_build_info": "gauge", "anomon_alerts_total": "counter",
     "anomon_duplicates_total": "counter", "anomon_webhook_deliveries_total": "counter",
     "anomon_ready": "gauge", "anomon_rescans_total": "counter",
+    "anomon_p_value": "histogram", "anomon_drift_martingale_log10": "gauge",
+    "anomon_drift_images": "gauge", "anomon_drift_alarms_total": "counter",
+    "anomon_drift_resets_total": "counter",
 }
 
 
@@ -52,6 +55,9 @@ def test_labelled_children_exist_at_zero_from_the_start() -> None:
         assert s[f'anomon_model_reloads_total{{result="{r}"}}'] == 0
     for r in ("success", "retry", "dead_letter"):
         assert s[f'anomon_webhook_deliveries_total{{result="{r}"}}'] == 0
+    for r in ("model", "operator"):
+        assert s[f'anomon_drift_resets_total{{reason="{r}"}}'] == 0
+    assert s["anomon_drift_martingale_log10"] == 0 and s["anomon_drift_alarms_total"] == 0
     assert not any(k == "up" or k.startswith("up{") for k in s)
     assert not any(k.endswith("_created") for k in s)
 
@@ -79,6 +85,21 @@ def test_score_buckets_sit_around_the_threshold() -> None:
     assert s['anomon_anomaly_score_bucket{le="0.02"}'] == 1 and s['anomon_anomaly_score_bucket{le="+Inf"}'] == 2
 
 
+def test_p_value_buckets_are_fixed_from_0_01_to_1() -> None:
+    """Unlike the score's, the p-value buckets do not move with the model: a p-value means the
+    same under any model, and a uniform histogram is what an unchanged line looks like."""
+    assert P_VALUE_BUCKETS[0] == 0.01 and P_VALUE_BUCKETS[-1] == 1.0
+    assert list(P_VALUE_BUCKETS) == sorted(set(P_VALUE_BUCKETS))
+    for threshold in (0.02, 50.0):
+        m = Metrics(threshold)
+        m.p_value.observe(0.005)
+        m.p_value.observe(0.55)
+        s = _samples(m)
+        les = sorted(float(k.split('le="')[1].split('"')[0]) for k in s if k.startswith("anomon_p_value_bucket"))
+        assert les == [*P_VALUE_BUCKETS, float("inf")]
+        assert s['anomon_p_value_bucket{le="0.01"}'] == 1 and s['anomon_p_value_bucket{le="0.6"}'] == 2
+
+
 def test_separate_instances_do_not_collide() -> None:
     Metrics(1.0)
     Metrics(1.0, registry=CollectorRegistry())  # no "Duplicated timeseries"
@@ -91,6 +112,6 @@ def test_deploy_files_only_use_metrics_that_exist() -> None:
     used = set()
     for f in (REPO / "deploy").rglob("*"):
         if f.is_file() and f.suffix in (".yml", ".yaml", ".json"):
-            used |= set(re.findall(r"\b(anomon_[a-z_]+)", f.read_text(errors="replace")))
+            used |= set(re.findall(r"\b(anomon_[a-z0-9_]+)", f.read_text(errors="replace")))
     missing = {u for u in used if u not in exposed}
     assert not missing, f"deploy/ refers to metrics the daemon does not export: {sorted(missing)}"
