@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import math
 import os
 import re
 import shlex
@@ -57,6 +58,11 @@ DAEMON_METRICS: dict[str, str] = {
     "anomon_alerts_total": "counter",
     "anomon_webhook_deliveries_total": "counter",
     "anomon_ready": "gauge",
+    "anomon_p_value": "histogram",
+    "anomon_drift_martingale_log10": "gauge",
+    "anomon_drift_images": "gauge",
+    "anomon_drift_alarms_total": "counter",
+    "anomon_drift_resets_total": "counter",
 }
 # prometheus-client's default process and platform collectors (Linux).
 CLIENT_DEFAULT_SERIES = frozenset({
@@ -220,6 +226,7 @@ def test_scrape_config_matches_the_daemon_defaults() -> None:
 EXPECTED_ALERTS = {
     "AnomonDown", "AnomonAnomalyRateHigh", "AnomonNoImagesScored", "AnomonImageErrors",
     "AnomonQueueBacklogGrowing", "AnomonModelReloadFailed", "AnomonScoringLatencyHigh",
+    "AnomonDrift",
 }
 
 
@@ -251,6 +258,18 @@ def test_every_alert_fires_and_holds_in_unit_tests() -> None:
     assert names - fires == set(), "alerts never tested firing"
     assert names - silent == set(), "alerts never tested staying silent"
     assert load_yaml(RULES_TEST)["rule_files"] == ["rules.yml"]
+
+
+def test_drift_alert_level_is_the_daemons_default_alpha() -> None:
+    """AnomonDrift fires where the daemon raises its own alarm: log10 of the martingale at
+    log10(1 / drift_alpha), drift_alpha as anomon.toml ships it (and as WatchConfig defaults it)."""
+    (rule,) = [a for a in alert_rules() if a["alert"] == "AnomonDrift"]
+    m = re.fullmatch(r'anomon_drift_martingale_log10\{job="anomon"\} >= ([0-9.]+)', rule["expr"].strip())
+    assert m, rule["expr"]
+    alpha = load_watch_config(EXAMPLE_CONFIG, {}).drift_alpha
+    assert alpha == WatchConfig.model_fields["drift_alpha"].default == 0.01
+    assert float(m.group(1)) == pytest.approx(-math.log10(alpha))
+    assert rule["for"] == "0m"  # the martingale is already a sequential test: no waiting on top
 
 
 def test_rules_use_only_exported_metrics() -> None:
@@ -321,7 +340,7 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     for needed in ("anomon_images_scored_total", "anomon_anomaly_score_bucket", "anomon_score_threshold",
                    "anomon_intake_latency_seconds_bucket", "anomon_image_errors_total",
                    "anomon_queue_depth", "anomon_model_info", "anomon_last_scored_timestamp_seconds",
-                   "anomon_model_reloads_total"):
+                   "anomon_model_reloads_total", "anomon_drift_martingale_log10", "anomon_p_value_bucket"):
         assert needed in used, needed
 
 
