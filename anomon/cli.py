@@ -432,8 +432,8 @@ signals:
                    --kill-whom=main -s USR1 anomon`)
 
 drift: after every image judged normal, a test martingale weighs the evidence that images no longer
-look like the calibration images (a dimming lamp, a dirty lens, a moved camera: every score a little
-higher, none over the threshold). /metrics: anomon_drift_martingale_log10; when it reaches
+look like the calibration images (a dimming lamp, a blurred lens, a moved camera: every score a little
+higher or lower, none over the threshold). /metrics: anomon_drift_martingale_log10; when it reaches
 log10(1/drift_alpha) (2 at the default 0.01) the daemon logs a DRIFT warning, records the alarm in the
 ledger (table drift_alarms) and counts it in anomon_drift_alarms_total; a false alarm has probability
 at most drift_alpha per reset. The evidence is kept in the ledger across restarts; it starts again when

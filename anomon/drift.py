@@ -1,7 +1,7 @@
 """Drift: are the images judged normal still like the calibration images?
 
 The threshold judges one image at a time. A slow failure (a lamp that dims, a lens that gets
-dirty, a camera knocked a little) raises every score a bit, and no single image crosses the
+dirty, a camera knocked a little) moves every score a bit, and no single image crosses the
 threshold. `DriftTest` tests, after every image, the hypothesis "the images judged normal are
 exchangeable with the calibration images" with a conformal test martingale (Vovk, Nouretdinov,
 Gammerman, "Testing exchangeability on-line", ICML 2003; Vovk, "Testing randomness online",
@@ -9,31 +9,35 @@ Statistical Science 36(4), 2021): each image gives a p-value, a betting strategy
 M on it (M starts at 1), and under the hypothesis M is a nonnegative martingale. By Ville's
 inequality P(M ever reaches 1/alpha) <= alpha, however long the line runs and however often M is
 looked at: a drift alarm (M >= 1/alpha) is false with probability at most alpha per reset.
+bench/drift.py measures it (bench/results/drift.md); the synthetic figures below are its.
 
-Three choices, and why:
+Four choices, and why:
 
 1. The p-values are online conformal p-values, not the verdicts' p-values. A verdict's p-value
    compares the image with the same n calibration scores every time; given those n scores,
    successive p-values are not independent uniforms but draws from one fixed distribution, off
-   uniform by about 0.3/sqrt(n) in its mean. A martingale betting on them drifts up for ever
-   whenever the calibration set happened to score a little low: with n = 50 Gaussian scores,
-   1 run in 20 crossed 100 within 20,000 images (Ville allows 1 in 100), one of them to 10^14
-   (bench/results/drift.md measures it on real photos). So each image is ranked among the
-   calibration scores AND every image tested since the last reset (the inductive conformal
-   martingale of Volkhonskiy, Burnaev, Nouretdinov, Gammerman, Vovk, COPA 2017):
+   uniform by about 0.3/sqrt(n) in its mean, and a martingale betting on them grows for ever
+   whenever that distribution leans one way: with n = 50 Gaussian calibration scores, this
+   module's bets on the verdicts' p-values crossed 100 within 20,000 unchanged images in 54 runs
+   of 100 (Ville allows 1). So each image is ranked among the calibration scores AND every image
+   tested since the last reset (the inductive conformal martingale of Volkhonskiy, Burnaev,
+   Nouretdinov, Gammerman, Vovk, COPA 2017):
 
        p_t = (#{bag > s_t} + tau_t * #{bag == s_t}) / |bag|,  bag including s_t,  tau_t ~ U(0, 1)
 
    Under exchangeability these are independent and exactly uniform (the smoothed conformal
    p-value; Vovk, Gammerman, Shafer, "Algorithmic Learning in a Random World", 2005), whatever
-   the calibration set's size. Without tau the p-values sit on a grid of 1/|bag| and are
-   conservative; with a small calibration set (the tiny test model has 3 scores below its
-   threshold) the grid is coarse and every image would lose a little, so tau is drawn: a small
-   calibration set then costs power for the first images only, never validity.
-   The bag grows with every image, so scores are kept rounded to 10 significant bits (about
-   3 decimal digits; `score_keys`): a fixed rounding, so the ties it makes are broken by tau and
-   the p-values stay exactly uniform, and the bag is a histogram of ~1,000 bins per doubling of
-   the score range instead of a list of every score.
+   the calibration set's size (0 of those 100 runs crossed 100). Without tau the p-values sit on a
+   grid of 1/|bag| and are conservative: with a small calibration set (the tiny test model has 3
+   scores below its threshold) the grid is coarse and the first images would cost evidence in
+   whichever direction the rounding goes, so tau is drawn; a small calibration set then costs
+   power for the first images only, never validity. The price of ranking against past images:
+   a change already there at the reset is compared with the calibration images alone, so a mild
+   one may never be seen (a +0.5 sd step from the first image: 5 runs of 6 never alarmed) -
+   reset after fixing the cause, or recalibrate. The bag grows with every image, so scores are
+   kept rounded to 10 significant bits (about 3 decimal digits; `score_keys`): a fixed rounding,
+   so the ties it makes are broken by tau and the p-values stay exactly uniform, and the bag is a
+   histogram of at most ~1,000 bins per doubling of the score range, not a list of every score.
 
 2. Only images judged normal are tested, against the calibration scores below the threshold.
    Anomalous images are alerted one by one; counting them would make a steady scrap rate (1 % bad
@@ -42,28 +46,36 @@ Three choices, and why:
    draws from the same truncated distribution, so the guarantee is exact. A change that pushes
    most images over the threshold is the anomaly-rate alert's (AnomonAnomalyRateHigh) to see.
 
-3. The bet is f(p) = 1.5 - p (the betting function 1 + eps (p - 1/2) of Vovk's Simple Jumper
-   with eps = -1): it stakes on small p-values, i.e. on images scoring higher than the ones
-   before, and can at most multiply a stake by 1.5 per image (an alarm at alpha = 0.01 takes 12
-   images at least). One stake is started at every image and they are mixed (the mixture over
-   change points of the e-detectors of Shin, Ramdas, Rinaldo, NEJSDS 2024, with weights that sum
-   to one so that Ville's inequality still holds):
+3. Both directions. Half of every stake bets f(p) = 1.5 - p (on small p-values: images scoring
+   higher than before), half f(p) = 0.5 + p (on large ones: lower than before); these are the
+   betting functions 1 + eps (p - 1/2), eps = -1 and +1, of Vovk's Simple Jumper. Higher is the
+   drift one expects, but on the real photos a dimming lamp raised the casting photos' scores and
+   LOWERED KolektorSDD's, and a blurring lens lowered both: the autoencoder rebuilds a darker or
+   blurred photo better and sees fewer edges, so the images look "more normal" while the detector
+   goes blind to the cracks it was trained to see. A bet on small p-values only would have missed
+   three of these four changes. Each image multiplies a bet by at most 1.5, so an alarm at
+   alpha = 0.01 takes at least 15 images.
 
-       M_t = ln2 / ln(t + 2) + sum_{s <= t} w_s prod_{u = s..t} f(p_u),
+4. One stake is started at every image, and the stakes are mixed with weights that sum to one
+   (the mixture over change points of the e-detectors of Shin, Ramdas, Rinaldo, NEJSDS 2024,
+   which sum them unweighted and bound the mean time to a false alarm instead):
+
+       M_t = ln2 / ln(t + 2) + sum_{s <= t} w_s (prod_{u=s..t} f_down(p_u) + prod_{u=s..t} f_up(p_u)) / 2,
        w_s = ln2 (1 / ln(s + 1) - 1 / ln(s + 2))   (sum over all s: 1)
 
    The first term is the stake not placed yet. Given the past, E f(p_t) = 1 under the
-   hypothesis, so E[M_t | past] = M_{t-1}: a test martingale, M_0 = 1. The point of the mixture:
-   drift starts after months of a good line. A single bet started at the reset, or the Simple
-   Jumper (tried: J = 0.01), has lost nearly all of its capital by then (the jumper about 0.0027
-   nats per healthy image, 10^-22 after 20,000 images) and must win it all back first; here the
-   stake started as the drift begins weighs w_s ~ 0.7 / (s ln(s)^2), 10^-7 at s = 20,000 and
-   10^-8.4 at a million, so the delay grows only with the log of the healthy history, and under
-   the hypothesis the gauge stays near log10(ln2 / ln(t + 2)) (-1.15 after 20,000 images)
-   instead of sinking for ever. On synthetic Gaussian scores (50 calibration scores, threshold
-   at 5 %), a mean ramping to +1.5 sd over 1,000 images after 20,000 healthy ones alarmed after
-   310-410 images here and 720-830 with the jumper; a +0.5 sd step after 110-200 here and
-   750-1,000 with the jumper; mixing bets eps in {-1, -1/2, -1/4} was no faster.
+   hypothesis, so E[M_t | past] = M_{t-1}: a test martingale, M_0 = 1. Why a mixture: drift
+   starts after months of a good line. A bet placed once at the reset, or the Simple Jumper
+   (J = 0.01), has lost nearly all of its capital by then (the jumper about 0.004 nats per healthy
+   image, 10^-30 to 10^-38 after 20,000) and must win it all back first; here the stake started as the drift
+   begins weighs w_s ~ 0.7 / (s ln(s)^2), 10^-6.5 at s = 20,000 and 10^-8.4 at a million, so the
+   delay grows with the log of the healthy history only, and on a healthy line the gauge stays
+   near log10(ln2 / ln(t + 2)) (-1.15 after 20,000 images) instead of sinking for ever. Images to
+   the alarm on Gaussian scores (50 calibration scores, threshold at 5 %, 6 runs), median [range],
+   this mixture vs the Simple Jumper on the same p-values: a mean ramping up by 1.5 sd over 1,000
+   images right after the reset 468 [327-663] vs 471 [287-643]; the same ramp after 20,000 healthy
+   images 452 [374-510] vs 985 [922-1187]; a +0.5 sd step after 20,000 healthy images 286
+   [179-383] vs 1562 [1253-1966].
 
 State is per line (`line`; today one model is one line, ""): the ledger keeps it in the same
 transaction as the verdicts it has seen (anomon.ledger `DriftRecord`), so a restart resumes the
@@ -85,10 +97,13 @@ import numpy as np
 
 from anomon.calibrate import exceeds
 
-# The bet f(p) = 1 + EPSILON (p - 1/2) = 1.5 - p. Stored with the state (METHOD): a state kept by
-# another method is not resumed but reset.
-EPSILON = -1.0
-METHOD = "start-mixture ln2/ln; bet 1.5-p; online smoothed p-values; 10-bit score keys"
+# Two bets, each given half of every stake: f(p) = 1 + eps (p - 1/2) with eps = -1 (wins on small
+# p-values: images scoring higher than before) and eps = +1 (wins on large ones: lower than before).
+EPSILONS: tuple[float, float] = (-1.0, 1.0)
+DIRECTIONS: tuple[str, str] = ("higher", "lower")  # what the images score, when each bet wins
+# Stored with the state: a state kept by another method is not resumed but reset.
+METHOD = "start-mixture ln2/ln; bets 1.5-p and 0.5+p; online smoothed p-values; 10-bit score keys"
+NOTHING_PLACED: tuple[float, float] = (-math.inf, -math.inf)
 _LN2 = math.log(2.0)
 _LN10 = math.log(10.0)
 # float64 has 52 mantissa bits; dropping 42 keeps 10 (a relative rounding of at most 2^-10).
@@ -97,7 +112,7 @@ _MAGNITUDE = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _log_weight(s: int) -> float:
-    """ln w_s, the stake of the bet started at image s (1, 2, ...): ln2 (1/ln(s+1) - 1/ln(s+2))."""
+    """ln w_s, the stake placed at image s (1, 2, ...): ln2 (1/ln(s+1) - 1/ln(s+2))."""
     a, b = math.log(s + 1.0), math.log(s + 2.0)
     return math.log(_LN2 * math.log1p(1.0 / (s + 1.0)) / (a * b))  # b - a, without cancellation
 
@@ -107,25 +122,32 @@ def _log_unplaced(t: int) -> float:
     return math.log(_LN2 / math.log(t + 2.0))
 
 
-def log10_martingale(log_placed: float, images: int) -> float:
-    """log10 M from ln of the placed stakes' capital and the images tested."""
-    return float(np.logaddexp(_log_unplaced(images), log_placed)) / _LN10
+def log10_martingale(placed: tuple[float, float], images: int) -> float:
+    """log10 M from ln of each bet's capital (`placed`) after `images` images."""
+    return float(np.logaddexp.reduce([_log_unplaced(images), *placed])) / _LN10
 
 
-def bet(log_placed: float, image: int, p: float) -> float:
-    """ln of the placed stakes' capital after image number `image` (1, 2, ...) with p-value `p`:
-    its new stake joins the ones placed, and all bet, A_t = (A_t-1 + w_t) f(p_t)."""
-    return float(np.logaddexp(log_placed, _log_weight(image))) + math.log1p(EPSILON * (p - 0.5))
+def bet(placed: tuple[float, float], image: int, p: float) -> tuple[float, float]:
+    """Each bet's capital (ln) after image number `image` (1, 2, ...) with p-value `p`: half of
+    the image's stake joins each bet, and both bet, A_t = (A_t-1 + w_t / 2) f(p_t)."""
+    half = _log_weight(image) - _LN2
+    down, up = (float(np.logaddexp(a, half)) + math.log1p(e * (p - 0.5)) for a, e in zip(placed, EPSILONS))
+    return down, up
+
+
+def direction(placed: tuple[float, float]) -> str:
+    """Which way the images have moved ("higher" or "lower" scores), by the bet holding more."""
+    return DIRECTIONS[int(placed[1] > placed[0])]
 
 
 def martingale_path(p_values: Any) -> np.ndarray:
-    """log10 M after each of a sequence of p-values, from M_0 = 1: the same bet as DriftTest's,
-    for any p-values (the bench runs it on the verdicts' own p-values to show why not those)."""
+    """log10 M after each of a sequence of p-values, from M_0 = 1: the same bets as DriftTest's,
+    for any p-values (the bench runs them on the verdicts' own p-values to show why not those)."""
     out = np.empty(len(p_values))
-    log_placed = -math.inf
+    placed = NOTHING_PLACED
     for t, p in enumerate(p_values, 1):
-        log_placed = bet(log_placed, t, float(p))
-        out[t - 1] = log10_martingale(log_placed, t)
+        placed = bet(placed, t, float(p))
+        out[t - 1] = log10_martingale(placed, t)
     return out
 
 
@@ -144,6 +166,7 @@ class Alarm:
     log10: float
     images: int  # images tested since the reset, this one included
     index: int  # position of the image in the scores handed to `step`
+    direction: str  # "higher" or "lower": what the images score compared with before
 
 
 @dataclass(frozen=True)
@@ -153,7 +176,7 @@ class Step:
     that is never recorded never moves the martingale."""
 
     p_values: np.ndarray  # per score; NaN where the image was not tested (anomalous, not finite)
-    log_placed: float  # ln of the capital of the stakes placed so far (-inf before the first)
+    placed: tuple[float, float]  # ln of each bet's capital (-inf before the first image)
     log10: float
     images: int
     added: dict[int, int]  # score key -> images added to the bag
@@ -204,7 +227,7 @@ class DriftTest:
         """Back to M = 1 and a bag of the calibration scores only."""
         self._keys, self._counts = _histogram(self._reference, np.ones(self._reference.size, np.int64))
         self._cumulative = np.cumsum(self._counts)
-        self.log_placed = -math.inf
+        self.placed = NOTHING_PLACED
         self.log10 = 0.0
         self.images = 0
         self.alarmed = False
@@ -218,7 +241,7 @@ class DriftTest:
         tested = np.isfinite(x) & ~exceeds(x, self.threshold)
         p_values = np.full(x.shape, np.nan)
         keys = score_keys(x)
-        log_placed, log10, images = self.log_placed, self.log10, self.images
+        placed, log10, images = self.placed, self.log10, self.images
         total = int(self._cumulative[-1]) if self._cumulative.size else 0
         added: dict[int, int] = {}
         alarm: Alarm | None = None
@@ -233,12 +256,12 @@ class DriftTest:
             p = (greater + self._rng.random() * equal) / (total + len(earlier))
             p_values[i] = p
             images += 1
-            log_placed = bet(log_placed, images, p)
-            log10 = log10_martingale(log_placed, images)
+            placed = bet(placed, images, p)
+            log10 = log10_martingale(placed, images)
             added[k] = added.get(k, 0) + 1
             if alarm is None and not self.alarmed and log10 >= self.alarm_log10:
-                alarm = Alarm(log10, images, int(i))
-        return Step(p_values, log_placed, log10, images, added, alarm)
+                alarm = Alarm(log10, images, int(i), direction(placed))
+        return Step(p_values, placed, log10, images, added, alarm)
 
     def apply(self, step: Step) -> None:
         """Take a step (after the ledger recorded it)."""
@@ -247,7 +270,7 @@ class DriftTest:
             counts = np.fromiter(step.added.values(), dtype=np.int64, count=len(step.added))
             self._keys, self._counts = _histogram(np.r_[self._keys, keys], np.r_[self._counts, counts])
             self._cumulative = np.cumsum(self._counts)
-        self.log_placed, self.log10, self.images = step.log_placed, step.log10, step.images
+        self.placed, self.log10, self.images = step.placed, step.log10, step.images
         self.alarmed = self.alarmed or step.alarm is not None
 
     def update(self, scores: Any) -> Step:
@@ -261,11 +284,11 @@ class DriftTest:
     def state(self, after: Step | None = None) -> dict[str, Any]:
         """The martingale's state (as it will be `after` a step, if given), JSON-ready; the bag's
         additions are stored beside it."""
-        placed, log10, images, alarmed = ((self.log_placed, self.log10, self.images, self.alarmed)
-                                          if after is None else (after.log_placed, after.log10, after.images,
+        placed, log10, images, alarmed = ((self.placed, self.log10, self.images, self.alarmed)
+                                          if after is None else (after.placed, after.log10, after.images,
                                                                  self.alarmed or after.alarm is not None))
         return {"method": METHOD, "model_id": self.model_id,
-                "log_placed": placed if math.isfinite(placed) else None, "log10": log10,
+                "placed": [a if math.isfinite(a) else None for a in placed], "log10": log10,
                 "images": images, "alarmed": alarmed, "reset_at": self.reset_at,
                 "reset_reason": self.reset_reason}
 
@@ -289,10 +312,9 @@ class DriftTest:
                 return "model", f"it was kept for model {st.get('model_id')}, and {self.model_id} serves now"
             if st.get("method") != METHOD:
                 return "method", f"it was kept by another method ({st.get('method')!r})"
-            placed = st["log_placed"]
-            log_placed = -math.inf if placed is None else float(placed)
+            down, up = (-math.inf if a is None else float(a) for a in st["placed"])
             images = int(st["images"])
-            if images < 0 or math.isnan(log_placed) or log_placed == math.inf:
+            if images < 0 or not all(math.isinf(a) and a < 0 or math.isfinite(a) for a in (down, up)):
                 raise ValueError("out of range")
             pairs = [(int(k), int(n)) for k, n in added]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -302,8 +324,8 @@ class DriftTest:
         self._keys, self._counts = _histogram(np.r_[self._reference, keys],
                                               np.r_[np.ones(self._reference.size, np.int64), counts])
         self._cumulative = np.cumsum(self._counts)
-        self.log_placed, self.images = log_placed, images
-        self.log10 = log10_martingale(log_placed, images)
+        self.placed, self.images = (down, up), images
+        self.log10 = log10_martingale(self.placed, images)
         self.alarmed = bool(st.get("alarmed", False))
         self.reset_at = float(st.get("reset_at", time.time()))
         self.reset_reason = str(st.get("reset_reason", "start"))
@@ -318,4 +340,5 @@ def _histogram(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     return uniq.astype(np.int64), np.bincount(inverse, weights=counts).astype(np.int64)
 
 
-__all__ = ["Alarm", "DriftTest", "Step", "bet", "log10_martingale", "martingale_path", "score_keys"]
+__all__ = ["DIRECTIONS", "Alarm", "DriftTest", "Step", "bet", "direction", "log10_martingale",
+           "martingale_path", "score_keys"]

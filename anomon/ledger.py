@@ -116,6 +116,7 @@ CREATE TABLE IF NOT EXISTS drift_alarms (
     log10_martingale REAL NOT NULL,
     alpha REAL NOT NULL,
     images INTEGER NOT NULL,     -- images tested since the reset, the one that crossed included
+    direction TEXT,              -- 'higher' or 'lower': what the images score compared with before
     image_id INTEGER REFERENCES images (id),  -- the image that took the martingale to 1/alpha
     reset_at REAL                -- the reset the evidence was gathered since
 );
@@ -175,6 +176,7 @@ class DriftAlarm:
     log10_martingale: float
     alpha: float
     images: int
+    direction: str | None = None
     reset_at: float | None = None
     at: Verdict | None = None
     alarm_id: int | None = None  # filled in by Ledger.record
@@ -533,8 +535,8 @@ class Ledger:
         if a is not None:
             cur = c.execute(
                 "INSERT INTO drift_alarms (line, raised_at, model_id, log10_martingale, alpha, images, "
-                "image_id, reset_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (a.line, a.raised_at, a.model_id, a.log10_martingale, a.alpha, a.images,
+                "direction, image_id, reset_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (a.line, a.raised_at, a.model_id, a.log10_martingale, a.alpha, a.images, a.direction,
                  a.at.image_id if a.at is not None else None, a.reset_at))
             a.alarm_id = int(cur.lastrowid)  # type: ignore[arg-type]
 

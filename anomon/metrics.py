@@ -51,7 +51,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 
 # Conformal p-values (the verdicts'): uniform on normal images like the calibration ones, piling up
-# near 0 when images drift towards higher scores. Fixed buckets, so rates compare across models.
+# near 0 (or 1) when images drift towards higher (lower) scores. Fixed buckets, whatever the model.
 P_VALUE_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -137,8 +137,8 @@ class Metrics:
         self.p_value = Histogram(
             "anomon_p_value",
             "Conformal p-value of each scored image: the share of calibration scores at or above its "
-            "score. Uniform while images look like the calibration images; piles up near 0 when they "
-            "drift towards higher scores.", buckets=P_VALUE_BUCKETS, registry=r)
+            "score. Uniform while images look like the calibration images; piles up near 0 (1) when they "
+            "drift towards higher (lower) scores.", buckets=P_VALUE_BUCKETS, registry=r)
         self.drift_log10 = Gauge(
             "anomon_drift_martingale_log10",
             "log10 of the drift test's martingale: the evidence that the images judged normal no "

@@ -67,6 +67,11 @@ _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, 
 _RETRIED = frozenset({errno.EACCES, errno.EPERM})
 # The drift test's line (anomon.drift): today one daemon, one model, one line.
 DRIFT_LINE = ""
+# What a drift alarm's direction suggests to look at (bench/results/drift.md: a dimming lamp raised
+# the casting photos' scores and lowered KolektorSDD's; a blurring lens lowered both).
+_DRIFT_HIGHER = "lighting, dirt, a moved camera, a new material, or more small defects"
+_DRIFT_LOWER = ("blur (focus, a dirty lens), less light or contrast, or images with less in them: defects "
+                "may go unseen")
 
 
 # ------------------------------------------------------------------------------ reading one file
@@ -546,8 +551,8 @@ class Service:
         if step.alarm is not None:
             alarm = DriftAlarm(line=drift.line, raised_at=time.time(), model_id=det.model_id,
                                log10_martingale=step.alarm.log10, alpha=drift.alpha,
-                               images=step.alarm.images, reset_at=drift.reset_at,
-                               at=scored[step.alarm.index])
+                               images=step.alarm.images, direction=step.alarm.direction,
+                               reset_at=drift.reset_at, at=scored[step.alarm.index])
         record = DriftRecord(drift.line, drift.state_json(after=step), added=list(step.added.items()),
                              alarm=alarm)
         return drift, step, record
@@ -560,15 +565,16 @@ class Service:
         if alarm is not None:
             assert self.metrics is not None
             self.metrics.drift_alarms.inc()
+            hint = (_DRIFT_HIGHER if alarm.direction == "higher" else _DRIFT_LOWER)
             log.warning(
-                "DRIFT: the images judged normal no longer look like the calibration images "
-                "(martingale 10^%.3g >= 1/alpha = %g after %d image(s) since the drift test's reset; a "
-                "false alarm has probability at most %g). Check the camera, lighting and lens; "
-                "recalibrate (anomon calibrate) if the change is wanted; SIGUSR1 resets the test",
-                alarm.log10_martingale, 1.0 / alarm.alpha, alarm.images, alarm.alpha,
+                "DRIFT: the images judged normal no longer look like the calibration images: they score "
+                "%s than before (%s). Evidence 10^%.3g >= 1/alpha = %g after %d image(s) since the drift "
+                "test's reset; a false alarm has probability at most %g. Fix the cause and reset the test "
+                "(SIGUSR1), or recalibrate (anomon calibrate) if the change is wanted",
+                alarm.direction, hint, alarm.log10_martingale, 1.0 / alarm.alpha, alarm.images, alarm.alpha,
                 extra={"drift_alarm_id": alarm.alarm_id, "drift_log10": alarm.log10_martingale,
-                       "drift_images": alarm.images, "image_id": alarm.at.image_id if alarm.at else None,
-                       "model_id": alarm.model_id})
+                       "drift_images": alarm.images, "drift_direction": alarm.direction,
+                       "image_id": alarm.at.image_id if alarm.at else None, "model_id": alarm.model_id})
 
     def _show_drift(self, drift: DriftTest) -> None:
         if self.metrics is not None:
