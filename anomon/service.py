@@ -79,12 +79,10 @@ _DRIFT_LOWER = ("blur (focus, a dirty lens), less light or contrast, or images w
 
 @dataclass
 class _Scorable:
-    """A file read once: its stat and bytes (hashed, kept for the anomaly copy) and the decoded
-    image, ready for the scoring path."""
+    """A file read once: its bytes (hashed, kept for the anomaly copy) and the decoded image,
+    ready for the scoring path. Its stat lives in the verdict."""
 
     cand: Candidate
-    size: int
-    mtime_ns: int
     sha256: str
     data: bytes
     prepared: Prepared
@@ -637,7 +635,7 @@ class Service:
                 log.debug("looks unfinished, waiting for the writer: %s", cand.path)
                 return None
             return _error(cand, e.reason, str(e), st, sha)
-        return _Scorable(cand, st.st_size, st.st_mtime_ns, sha, data, prepared)
+        return _Scorable(cand, sha, data, prepared)
 
 
 # ------------------------------------------------------------------------------ entry point
