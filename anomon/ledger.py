@@ -68,6 +68,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT NOT NULL,
+    line TEXT NOT NULL DEFAULT 'default',  -- the configured line whose folder holds the file
     size INTEGER,                -- NULL when the file could not be stat'ed (vanished)
     mtime_ns INTEGER,
     sha256 TEXT,                 -- NULL when the bytes were never read (refused, unreadable, vanished)
@@ -121,6 +122,14 @@ CREATE TABLE IF NOT EXISTS drift_alarms (
     reset_at REAL                -- the reset the evidence was gathered since
 );
 """
+# Ledgers written before lines (one daemon, one model) hold the images of the line `default`; their
+# drift test was stored under the line "". Both are made explicit at open, in one transaction.
+_LINES_MIGRATION = """
+ALTER TABLE images ADD COLUMN line TEXT NOT NULL DEFAULT 'default';
+UPDATE drift SET line = 'default' WHERE line = '';
+UPDATE drift_bag SET line = 'default' WHERE line = '';
+UPDATE drift_alarms SET line = 'default' WHERE line = '';
+"""
 
 
 class LedgerError(Exception):
@@ -135,6 +144,7 @@ class Verdict:
     verdict: str  # "normal" | "anomalous" | "error"
     arrived_at: float
     scored_at: float
+    line: str = "default"
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str | None = None
@@ -369,7 +379,9 @@ class Ledger:
             else:
                 ledger_id = cls._create(conn, state.highest_alert_id(path.parent, marker))
                 epochs = []
-            conn.executescript("BEGIN IMMEDIATE;" + _DRIFT_SCHEMA + "COMMIT;")
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+            migrate = _LINES_MIGRATION if "line" not in columns else ""
+            conn.executescript("BEGIN IMMEDIATE;" + _DRIFT_SCHEMA + migrate + "COMMIT;")
             led = cls(path, conn, ledger_id, epochs)
             led._write_marker(_alert_sequence(conn))
             return led
@@ -483,10 +495,10 @@ class Ledger:
         try:
             for v in verdicts:
                 cur = c.execute(
-                    "INSERT INTO images (path, size, mtime_ns, sha256, model_id, score, p_value, "
+                    "INSERT INTO images (path, line, size, mtime_ns, sha256, model_id, score, p_value, "
                     "threshold, verdict, reason, message, arrived_at, scored_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (db_path(v.path), v.size, v.mtime_ns, v.sha256, v.model_id, _num(v.score),
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (db_path(v.path), v.line, v.size, v.mtime_ns, v.sha256, v.model_id, _num(v.score),
                      _num(v.p_value), _num(v.threshold), v.verdict, v.reason, _text(v.message),
                      v.arrived_at, v.scored_at))
                 v.image_id = int(cur.lastrowid)  # type: ignore[arg-type]
@@ -678,9 +690,16 @@ def epoch_of(epochs: Sequence[tuple[int, str]], alert_id: int) -> str:
     return found
 
 
+def line_column(conn: sqlite3.Connection) -> str:
+    """`images.line`, or the constant 'default' for a ledger written before lines that no daemon
+    has opened since (read-only readers never migrate it)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+    return "line" if "line" in columns else "'default'"
+
+
 _ALERT_SQL = (
     "SELECT a.id AS id, a.image_id AS image_id, a.created_at AS created_at, a.anomaly_image, "
-    "a.heatmap, i.path, i.score, i.p_value, i.threshold, i.model_id, i.sha256, i.size, "
+    "a.heatmap, i.path, {line} AS line, i.score, i.p_value, i.threshold, i.model_id, i.sha256, i.size, "
     "i.arrived_at FROM alerts a JOIN images i ON i.id = a.image_id "
     "WHERE a.id > ? ORDER BY a.id LIMIT ?"
 )
@@ -693,11 +712,13 @@ def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
     lid = ledger_id if ledger_id is not None else ledger_id_of(conn)
     eps = epochs if epochs is not None else _epochs(conn)
     out = []
-    for r in conn.execute(_ALERT_SQL, (since_id, limit)):
+    line = line_column(conn).replace("line", "i.line")
+    for r in conn.execute(_ALERT_SQL.format(line=line), (since_id, limit)):
         out.append({
             "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
             "time": iso(r["created_at"]),
-            "created_at": r["created_at"], "path": from_db_path(r["path"]), "score": r["score"],
+            "created_at": r["created_at"], "line": r["line"], "path": from_db_path(r["path"]),
+            "score": r["score"],
             "p_value": r["p_value"], "threshold": r["threshold"], "model_id": r["model_id"],
             "sha256": r["sha256"], "size": r["size"], "image_id": r["image_id"],
             "anomaly_image": from_db_path(r["anomaly_image"]), "heatmap": from_db_path(r["heatmap"]),
@@ -708,8 +729,8 @@ def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
 def verdict_rows(conn: sqlite3.Connection, *, since: float | None = None,
                  anomalous_only: bool = False) -> Iterator[dict[str, Any]]:
     """Every recorded image, oldest verdict first."""
-    sql = ("SELECT id, path, size, sha256, model_id, score, p_value, threshold, verdict, reason, "
-           "message, arrived_at, scored_at FROM images WHERE 1 = 1")
+    sql = (f"SELECT id, path, {line_column(conn)} AS line, size, sha256, model_id, score, p_value, "
+           "threshold, verdict, reason, message, arrived_at, scored_at FROM images WHERE 1 = 1")
     args: list[Any] = []
     if since is not None:
         sql += " AND scored_at >= ?"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from anomon.ledger import (
+    DriftRecord,
     Ledger,
     LedgerError,
     Sighting,
@@ -382,3 +383,34 @@ def test_a_path_that_is_not_utf8_is_stored_losslessly(tmp_path: Path) -> None:
     alert, = led.alerts_after(0)
     assert json.loads(json_line(alert))["path"] == odd
     led.close()
+
+
+def test_rows_carry_their_line(ledger: Ledger) -> None:
+    ledger.record([_v("/w/a.png", "a" * 64, "anomalous", line="left"), _v("/w/b.png", "b" * 64)])
+    conn = open_readonly(ledger.path)
+    assert {r["path"]: r["line"] for r in verdict_rows(conn)} == {"/w/a.png": "left", "/w/b.png": "default"}
+    assert [a["line"] for a in alerts_after(conn, 0)] == ["left"]
+
+
+def test_a_ledger_from_before_lines_is_read_and_migrated_as_line_default(tmp_path: Path) -> None:
+    p = tmp_path / "ledger.sqlite"
+    led = Ledger.open(p)
+    led.record([_v("/w/a.png", "a" * 64, "anomalous")])
+    led.write_drift(DriftRecord("", '{"x": 1}', added=[(5, 2)]))
+    led.close()
+    conn = sqlite3.connect(p)  # the schema as it shipped before lines
+    conn.execute("ALTER TABLE images DROP COLUMN line")
+    conn.commit()
+    conn.close()
+
+    ro = open_readonly(p)  # a reader that does not migrate (anomon verdicts, /alerts)
+    assert [r["line"] for r in verdict_rows(ro)] == ["default"]
+    assert [a["line"] for a in alerts_after(ro, 0)] == ["default"]
+    ro.close()
+
+    led = Ledger.open(p)  # the daemon's open migrates, keeping every row and the drift state
+    led.record([_v("/w/b.png", "b" * 64, line="right")])
+    assert led.drift("default") == ('{"x": 1}', [(5, 2)])
+    assert led.drift("") is None
+    conn = open_readonly(p)
+    assert {r["path"]: r["line"] for r in verdict_rows(conn)} == {"/w/a.png": "default", "/w/b.png": "right"}
