@@ -378,7 +378,7 @@ ROUTES = [
     ({"alertname": "AnomonDown", "severity": "critical", "job": JOB, "instance": DEFAULT_TARGET}, "oncall"),
     ({"alertname": "AnomonAnomalyRateHigh", "severity": "critical", "line": "default"}, "oncall"),
     ({"alertname": "AnomonDrift", "severity": "warning", "line": "default"}, "shift"),
-    ({"alertname": "AnomonImageErrors", "severity": "warning", "line": "press", "reason": "corrupt"}, "shift"),
+    ({"alertname": "AnomonImageErrors", "severity": "warning", "line": "press", "reason": "empty"}, "shift"),
     ({"alertname": "AnomonAnomalyRateHigh", "severity": "critical", "line": "castings"}, "castings-oncall"),
     ({"alertname": "AnomonDrift", "severity": "warning", "line": "castings"}, "castings-shift"),
 ]

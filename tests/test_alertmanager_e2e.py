@@ -1,0 +1,383 @@
+"""From the daemon to the people: real anomon, real Prometheus, real Alertmanager, a real receiver.
+
+test_deploy.py proves the shipped alertmanager.yml parses and routes label sets where it should
+(`amtool`); test_prometheus_e2e.py that Prometheus evaluates the shipped rules on what the daemon
+exports. This test follows an alert the whole way: images dropped into the daemon's folder make
+the anomaly-rate and the drift alerts fire in Prometheus, Prometheus hands them to Alertmanager,
+and Alertmanager's webhook notifications reach a receiver in this test, with the line they are
+about, routed by severity (critical to the on-call receiver, warning to the shift's). Then an
+AnomonDown for the same daemon holds both back (inhibit_rules).
+
+What is real: `anomon watch` (conftest's Daemon), `prometheus` and Debian's
+`prometheus-alertmanager`, each its own process on 127.0.0.1, and the receiver (an HTTP server in
+this process). What is generated from the shipped files, and nothing else:
+
+- prometheus.yml: scrape and evaluation every 1 s, the test daemon as target, this test's
+  Alertmanager under `alerting`;
+- rules.yml: the shipped rules, with one change: AnomonAnomalyRateHigh waits `for: 2s` instead of
+  5 minutes (the test checks that this is the only difference). Expressions, windows, labels and
+  texts are the shipped ones; that `for: 5m` holds back a short burst is promtool's case in
+  rules.test.yml. AnomonDrift fires at once as shipped (`for: 0m`);
+- alertmanager.yml: the shipped routes and inhibit rules, with group_wait / group_interval of 1 s
+  and every receiver's webhook pointed at the test's receiver, at /<receiver name>.
+
+Making the alerts fire within seconds: the model is the tiny test bundle calibrated on the scores
+of its clearly normal images halved (plus one score of 10 that sets the threshold), so the normal
+images the test drops all score higher than every calibration image but stay far under the
+threshold: judged normal, and the drift test's martingale climbs to its alarm within a few dozen
+images. The anomalous images (a saturated square) score above 10: a third of the verdicts.
+
+Needs prometheus, promtool and prometheus-alertmanager (or alertmanager) on PATH: skipped without
+them, a failure when CI is set (.ci/run installs both Debian packages).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from conftest import Daemon, TinyModel, free_port
+from test_deploy import AM_CONFIG, RULES
+from test_prometheus_e2e import Prometheus, scrape_config
+
+JOB = "anomon"
+LINE = "default"  # a daemon configured with model + watch serves one line, named "default"
+RATE_ALERT = "AnomonAnomalyRateHigh"
+DRIFT_ALERT = "AnomonDrift"
+RATE_ALERT_FOR = "2s"
+N_NORMAL = 60
+N_ANOMALOUS = 30
+
+
+@pytest.fixture(scope="module")
+def bins() -> dict[str, str]:
+    found = {
+        "prometheus": shutil.which("prometheus"),
+        "promtool": shutil.which("promtool"),
+        "alertmanager": shutil.which("prometheus-alertmanager") or shutil.which("alertmanager"),
+        "amtool": shutil.which("amtool"),
+    }
+    missing = [name for name, path in found.items() if not path]
+    if not missing:
+        return found  # type: ignore[return-value]
+    why = f"{', '.join(missing)} not on PATH (apt-get install prometheus prometheus-alertmanager)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI must install both Debian packages")
+    pytest.skip(f"{why}; set CI=1 to fail instead")
+
+
+# ------------------------------------------------------------------------------ the receiver
+
+
+class Receiver:
+    """Alertmanager's webhook receiver: records every notification as (path, JSON body)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        rec = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with rec._lock:
+                    rec.got.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every alert of every notification so far, as (receiver path, alert), with the
+        notification's status and receiver name checked against the alert's."""
+        with self._lock:
+            got = list(self.got)
+        out = []
+        for path, body in got:
+            assert body["version"] == "4" and path == f"/{body['receiver']}", (path, body)
+            out.extend((path, a) for a in body["alerts"])
+        return out
+
+    def firing(self, alertname: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(p, a) for p, a in self.alerts()
+                if a["labels"]["alertname"] == alertname and a["status"] == "firing"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ------------------------------------------------------------------------------ Alertmanager
+
+
+class Alertmanager:
+    """One Alertmanager on a free loopback port, clustering off, its log in a file."""
+
+    def __init__(self, binary: str, workdir: Path, config: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "alertmanager.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
+             "--log.level=info"],
+            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL, cwd=workdir)
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"alertmanager exited:\n{self.log_tail()}"
+            try:
+                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"alertmanager not ready after {timeout} s:\n{self.log_tail()}")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        r = requests.get(self.url + "/api/v2/alerts", timeout=5)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def post(self, alerts: list[dict[str, Any]]) -> None:
+        r = requests.post(self.url + "/api/v2/alerts", json=alerts, timeout=5)
+        assert r.status_code == 200, r.text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+# ------------------------------------------------------------------------------ the configs
+
+
+def rules_copy(workdir: Path) -> Path:
+    """rules.yml as shipped, but AnomonAnomalyRateHigh waits RATE_ALERT_FOR, not 5 minutes."""
+    shipped = yaml.safe_load(RULES.read_text())
+    rules = copy.deepcopy(shipped)
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == RATE_ALERT]
+    rule["for"] = RATE_ALERT_FOR
+    path = workdir / "rules.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    # The only difference from the shipped file:
+    again = yaml.safe_load(path.read_text())
+    (back,) = [r for g in again["groups"] for r in g["rules"] if r.get("alert") == RATE_ALERT]
+    assert back["for"] == RATE_ALERT_FOR
+    back["for"] = "5m"
+    assert again == shipped
+    return path
+
+
+def alertmanager_config(receiver_url: str) -> dict[str, Any]:
+    """The shipped alertmanager.yml: its routes and inhibit rules, 1 s waits, every webhook at
+    receiver_url/<receiver name>."""
+    cfg = copy.deepcopy(yaml.safe_load(AM_CONFIG.read_text()))
+
+    def fast(route: dict[str, Any]) -> None:
+        for key in ("group_wait", "group_interval"):
+            if key in route:
+                route[key] = "1s"
+        for child in route.get("routes", []):
+            fast(child)
+
+    cfg["route"].update(group_wait="1s", group_interval="1s")
+    fast(cfg["route"])
+    for rc in cfg["receivers"]:
+        assert set(rc) == {"name", "webhook_configs"}, rc  # nothing here would be reached otherwise
+        for hook in rc["webhook_configs"]:
+            hook["url"] = f"{receiver_url}/{rc['name']}"
+    return cfg
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+@pytest.fixture(scope="module")
+def shifted_model(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The tiny bundle calibrated on its clearly normal images' scores halved, plus a 10 that
+    puts the threshold above them all: those images now score higher than every calibration image
+    (drift, "higher") and stay normal. Returns the bundle and the highest normal score."""
+    from PIL import Image
+
+    from anomon.detector import Detector
+
+    det = Detector.load(tiny_model.path, device="cpu")
+    prep = lambda arrays: np.stack([det.preprocess(Image.fromarray(a)) for a in arrays])  # noqa: E731
+    normal = det.score_samples(prep(tiny_model.normals))
+    det.calibrate(np.r_[normal * 0.5, 10.0])
+    assert det.threshold_ == 10.0 and normal.max() < 10.0
+    anomalous = det.score_samples(prep([_anomalous_array(i) for i in range(N_ANOMALOUS)]))
+    assert anomalous.min() > 10.0, anomalous  # every anomalous image is judged anomalous
+    out = tmp_path_factory.mktemp("am-model") / "shifted.anomon"
+    det.save(out)
+    return out, float(normal.max())
+
+
+def _anomalous_array(i: int) -> np.ndarray:
+    from conftest import anomalous_array
+
+    return anomalous_array(np.random.default_rng(10_000 + i))
+
+
+# ------------------------------------------------------------------------------ the test
+
+
+@pytest.mark.e2e
+def test_anomaly_rate_and_drift_reach_the_receiver_per_line_and_anomon_down_holds_them_back(
+        bins: dict[str, str], tiny_model: TinyModel, shifted_model: tuple[Path, float],
+        daemon_factory, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    model, _ = shifted_model
+    receiver = Receiver()
+
+    amdir = tmp_path / "am"
+    amdir.mkdir()
+    am_config = amdir / "alertmanager.yml"
+    am_config.write_text(yaml.safe_dump(alertmanager_config(receiver.url), sort_keys=False))
+    check = subprocess.run([bins["amtool"], "check-config", str(am_config)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    am = Alertmanager(bins["alertmanager"], amdir, am_config)
+
+    d: Daemon = daemon_factory(model, name="d").start()
+    target = f"127.0.0.1:{d.port}"
+
+    pdir = tmp_path / "prom"
+    pdir.mkdir()
+    cfg = scrape_config(target)
+    cfg["rule_files"] = [str(rules_copy(pdir))]
+    (alerting,) = cfg["alerting"]["alertmanagers"]
+    alerting["static_configs"] = [{"targets": [f"127.0.0.1:{am.port}"]}]
+    prom_config = pdir / "prometheus.yml"
+    prom_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    check = subprocess.run([bins["promtool"], "check", "config", str(prom_config)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    prom = Prometheus(bins["prometheus"], pdir, prom_config)
+    try:
+        am.wait_ready()
+        prom.wait_ready()
+        sel = f'{{job="{JOB}", instance="{target}"}}'
+        # Two scrapes of the untouched counters (0), so increase() counts every image.
+        prom.wait_for(lambda: prom.values(f"count_over_time(anomon_ready{sel}[1m])", "instance")
+                      .get(target, 0) >= 2, "two scrapes of the daemon")
+        assert not receiver.got, receiver.got  # a healthy, idle daemon: nothing to tell anyone
+
+        # Normal images that all score higher than the calibration ones, and anomalous ones.
+        for i in range(N_NORMAL):
+            tiny_model.normal_png(d.watch / f"n{i:03d}.png", i)
+        for i in range(N_ANOMALOUS):
+            tiny_model.anomalous_png(d.watch / f"a{i:03d}.png", i)
+        d.wait_for(lambda: len(d.table()) == N_NORMAL + N_ANOMALOUS, 60, "every image judged")
+        verdicts = [r["verdict"] for r in d.table()]
+        assert verdicts.count("anomalous") == N_ANOMALOUS  # no normal image crossed the threshold
+        alarms = {k: v for k, v in d.metrics().items() if k.startswith("anomon_drift_alarms_total")}
+        assert sum(alarms.values()) == 1, alarms  # the daemon's own drift alarm
+
+        # Both notifications reach the receiver, each routed by its severity, naming the line.
+        def both() -> bool:
+            return bool(receiver.firing(RATE_ALERT)) and bool(receiver.firing(DRIFT_ALERT))
+
+        _wait(both, 45, f"{RATE_ALERT} and {DRIFT_ALERT} at the receiver", receiver, prom, am)
+        want = {"job": JOB, "instance": target, "line": LINE}
+        for name, severity, path in ((RATE_ALERT, "critical", "/oncall"), (DRIFT_ALERT, "warning", "/shift")):
+            got = receiver.firing(name)
+            assert {p for p, _ in got} == {path}, (name, got)
+            for _, alert in got:
+                labels = alert["labels"]
+                assert labels == {"alertname": name, "severity": severity, **want}, labels
+                # Firing, with no end known yet (Go's zero time), and a link back to Prometheus.
+                assert alert["endsAt"].startswith("0001-01-01") and alert["startsAt"] > "2000"
+                assert "/graph?g0.expr=" in alert["generatorURL"], alert["generatorURL"]
+        (_, rate), *_ = receiver.firing(RATE_ALERT)
+        assert rate["annotations"]["summary"].endswith(f"of images anomalous on line {LINE} ({target})")
+        assert "(alert above 20%)" in rate["annotations"]["description"]
+        (_, drift), *_ = receiver.firing(DRIFT_ALERT)
+        assert drift["annotations"]["summary"] == (
+            f"images of line {LINE} on {target} drift away from the calibration images")
+        assert "-s USR1 anomon" in drift["annotations"]["description"]  # what to do after fixing it
+        # Nothing else was sent (no other alert fired on a daemon that is up and scoring).
+        assert {a["labels"]["alertname"] for _, a in receiver.alerts()} == {RATE_ALERT, DRIFT_ALERT}
+
+        # AnomonDown for this daemon (as Prometheus would send it after 2 minutes without a
+        # scrape): it goes to the on-call receiver, and both per-line alerts are held back.
+        now = time.time()
+        am.post([{"labels": {"alertname": "AnomonDown", "severity": "critical", "job": JOB,
+                             "instance": target},
+                  "annotations": {"summary": f"anomon is down on {target}"},
+                  "startsAt": _rfc3339(now), "endsAt": _rfc3339(now + 300)}])
+
+        def held_back() -> dict[str, Any] | None:
+            alerts = {a["labels"]["alertname"]: a for a in am.alerts()}
+            if {RATE_ALERT, DRIFT_ALERT, "AnomonDown"} <= set(alerts) and all(
+                    alerts[n]["status"]["state"] == "suppressed" for n in (RATE_ALERT, DRIFT_ALERT)):
+                return alerts
+            return None
+
+        alerts = _wait(held_back, 15, "the per-line alerts held back by AnomonDown", receiver, prom, am)
+        down = alerts["AnomonDown"]
+        assert down["status"]["state"] == "active" and [r["name"] for r in down["receivers"]] == ["oncall"]
+        for n in (RATE_ALERT, DRIFT_ALERT):
+            assert alerts[n]["status"]["inhibitedBy"] == [down["fingerprint"]], alerts[n]["status"]
+        _wait(lambda: receiver.firing("AnomonDown"), 15, "AnomonDown at the receiver", receiver, prom, am)
+        assert {p for p, _ in receiver.firing("AnomonDown")} == {"/oncall"}
+    finally:
+        prom_code = prom.stop()
+        am_code = am.stop()
+        receiver.close()
+    assert prom_code == 0, prom.log_tail()
+    assert am_code == 0, am.log_tail()
+    assert d.stop() == 0
+    took = time.monotonic() - t0
+    assert took < 60, f"took {took:.0f} s"
+
+
+def _wait(predicate, timeout: float, what: str, receiver: Receiver, prom: Prometheus,
+          am: Alertmanager) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.25)
+    raise AssertionError(
+        f"timed out after {timeout:g} s waiting for {what}\n"
+        f"receiver got: {[(p, a['labels'], a['status']) for p, a in receiver.alerts()]}\n"
+        f"prometheus alerts: {[(a['labels'], a['state']) for a in prom.alerts()]}\n"
+        f"alertmanager alerts: {[(a['labels'], a['status']) for a in am.alerts()]}\n"
+        f"alertmanager log:\n{am.log_tail(15)}\nprometheus log:\n{prom.log_tail(15)}")
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
