@@ -49,11 +49,11 @@ def _image_files(folder: Path, what: str) -> list[Path]:
 
 
 def _load_folder(
-    folder: Path, what: str, *, skip_bad: bool, image_size: int, channels: int
+    folder: Path, what: str, *, skip_bad: bool, image_size: int, channels: int, extra: Sequence[Path] = ()
 ) -> tuple[Any, list[Path]]:
     from anomon.images import load_arrays
 
-    X, ok, failed = load_arrays(_image_files(folder, what), image_size=image_size, channels=channels)
+    X, ok, failed = load_arrays(_image_files(folder, what) + list(extra), image_size=image_size, channels=channels)
     if failed and skip_bad:
         for path, err in failed:
             log.warning("skipping %s (%s)", err, err.reason)
@@ -88,13 +88,18 @@ def _load_detector(path: Path, device: str = "auto") -> Detector:
     return Detector.load(path, device=device)
 
 
-def _score_folder(det: Detector, folder: Path, what: str, *, skip_bad: bool) -> tuple[Any, list[Path]]:
-    """Scores of every image in a folder through the one scoring path; bad images as in training."""
+def _score_folder(det: Detector, folder: Path | None, what: str, *, skip_bad: bool,
+                  extra: Sequence[Path] = ()) -> tuple[Any, list[Path]]:
+    """Scores of every image in a folder (and of `extra` files: judged alerts) through the one
+    scoring path; bad images as in training."""
     import numpy as np
 
     from anomon.scoring import score_items
 
-    files = _image_files(folder, what)
+    files = (_image_files(folder, what) if folder is not None else []) + list(extra)
+    if not files:
+        raise UserError(f"no {what} images: give a folder, or judge some alerts as "
+                        f"{'false alarms' if what == 'normal' else 'defects'} first")
     recs = list(score_items(det, files))
     failed = [r for r in recs if r.error is not None]
     if failed and skip_bad:
@@ -106,8 +111,36 @@ def _score_folder(det: Detector, folder: Path, what: str, *, skip_bad: bool) -> 
                         "fix or remove it, or pass --skip-bad")
     ok = [(r.score, p) for r, p in zip(recs, files) if r.error is None]
     if not ok:
-        raise UserError(f"no readable images under {folder}")
+        raise UserError(f"no readable {what} images" + (f" under {folder}" if folder is not None else ""))
     return np.array([s for s, _ in ok], dtype=np.float64), [p for _, p in ok]
+
+
+def _judged(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """--judgements STATE_DIR: the judged alerts' images, false alarms as normal images and defects
+    as anomalous ones (([], []) without the flag). Said on stderr, so the counts are on record."""
+    if not getattr(args, "judgements", None):
+        if getattr(args, "line", None):
+            raise UserError("--line chooses the line of --judgements; give --judgements STATE_DIR too")
+        return [], []
+    from anomon.judgements import LabelsError, judged_lines, labelled_images
+
+    state_dir = Path(args.judgements)
+    try:
+        line = args.line
+        if line is None:
+            found = judged_lines(state_dir)
+            if len(found) > 1:
+                raise UserError(f"the judgements in {state_dir} cover lines {', '.join(found)}; each line has "
+                                "its own model: choose one with --line")
+        labelled = labelled_images(state_dir, line=line)
+    except LabelsError as e:
+        raise UserError(str(e)) from None
+    gone = (f"; {labelled.missing} judged alert(s) left out: their image is no longer kept"
+            if labelled.missing else "")
+    print(f"judgements from {state_dir}{f' (line {line})' if line else ''}: {len(labelled.normal)} false "
+          f"alarm(s) as normal images, {len(labelled.anomalous)} defect(s) as anomalous images{gone}",
+          file=sys.stderr)
+    return labelled.normal, labelled.anomalous
 
 
 def _warn_if_trained_on(det: Detector, folder: Path, doing: str) -> None:
@@ -133,11 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = Path(args.data_dir)
     out = Path(args.output)
     _check_writable(out)  # before minutes of training, not after
-    files = _image_files(data, "training")
+    false_alarms, _ = _judged(args)  # judged normal: the model should learn them as such
+    files = _image_files(data, "training") + false_alarms
     sizes, grey = _inspect(files)
     image_size = args.image_size or defaults.image_size or auto_image_size(sizes, defaults.max_auto_size)
     channels = args.channels or defaults.channels or (1 if grey else 3)
-    X, ok = _load_folder(data, "training", skip_bad=args.skip_bad, image_size=image_size, channels=channels)
+    X, ok = _load_folder(data, "training", skip_bad=args.skip_bad, image_size=image_size, channels=channels,
+                         extra=false_alarms)
     fpr = args.target_fpr if args.target_fpr is not None else defaults.target_fpr
     holdout = defaults.holdout
     n_hold = holdout_size(len(ok), holdout)
@@ -167,6 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     det.fit(X)
     det.metadata["data_dir"] = str(data.resolve())
     det.metadata["n_images"] = len(ok)
+    if false_alarms:
+        det.metadata["judgements"] = str(Path(args.judgements).resolve())
+        det.metadata["n_false_alarms"] = len(false_alarms)
     model_id = det.save(out)
     cal = det.calibration_info_
     print(
@@ -201,10 +239,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_writable(out)
     det = _load_detector(Path(args.model))
     normal_dir = Path(args.normal_dir)
-    normal_scores, _ = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad)
+    false_alarms, defects = _judged(args)
+    normal_scores, _ = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad, extra=false_alarms)
     anomalous_scores = None
-    if args.anomalous:
-        anomalous_scores, _ = _score_folder(det, Path(args.anomalous), "anomalous", skip_bad=args.skip_bad)
+    if args.anomalous or defects:
+        anomalous_scores, _ = _score_folder(det, Path(args.anomalous) if args.anomalous else None, "anomalous",
+                                            skip_bad=args.skip_bad, extra=defects)
     _warn_if_trained_on(det, normal_dir, "calibrating")
     fpr = args.target_fpr if args.target_fpr is not None else det.target_fpr
     old_id = det.model_id
@@ -303,12 +343,17 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if not args.judgements and not (args.normal and args.anomalous):
+        raise UserError("give --normal DIR and --anomalous DIR, or --judgements STATE_DIR (either or both)")
+    false_alarms, defects = _judged(args)
     det = _load_detector(Path(args.model))
-    normal_dir, anomalous_dir = Path(args.normal), Path(args.anomalous)
-    sn, n_paths = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad)
-    sa, a_paths = _score_folder(det, anomalous_dir, "anomalous", skip_bad=args.skip_bad)
+    normal_dir = Path(args.normal) if args.normal else None
+    anomalous_dir = Path(args.anomalous) if args.anomalous else None
+    sn, n_paths = _score_folder(det, normal_dir, "normal", skip_bad=args.skip_bad, extra=false_alarms)
+    sa, a_paths = _score_folder(det, anomalous_dir, "anomalous", skip_bad=args.skip_bad, extra=defects)
     print(f"model {det.model_id}: {len(sn)} normal, {len(sa)} anomalous images")
-    _warn_if_trained_on(det, normal_dir, "evaluating")
+    if normal_dir is not None:
+        _warn_if_trained_on(det, normal_dir, "evaluating")
     for warning in det.warnings():
         print(f"WARNING: {warning}")
     ev = _print_evaluation(det, sn, sa)
@@ -349,6 +394,19 @@ def cmd_verdicts(args: argparse.Namespace) -> int:
         write_verdicts(Path(args.state), sys.stdout, since=since, anomalous_only=args.anomalous_only, fmt=fmt)
     except VerdictsError as e:
         raise UserError(str(e)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- review
+def cmd_review_export(args: argparse.Namespace) -> int:
+    from anomon.judgements import LabelsError, export
+
+    fmt = args.format or ("csv" if sys.stdout.isatty() else "jsonl")
+    try:
+        n = export(Path(args.state), sys.stdout, fmt=fmt, line=args.line, everything=args.all, audit_trail=args.audit)
+    except LabelsError as e:
+        raise UserError(str(e)) from None
+    print(f"anomon: {n} record(s)", file=sys.stderr)
     return 0
 
 
@@ -423,6 +481,8 @@ endpoints (on --listen, 127.0.0.1 unless configured otherwise):
   /healthz   200 while the scoring and intake loops are alive (503 when stuck)
   /readyz    200 once the model is loaded and the start-up rescan is done; JSON of each check
   /alerts    recent anomaly alerts as JSON (?since=ALERT_ID&limit=N)
+  /review    the review page: alerts and drift alarms with images and heat maps; judging them
+             (false alarm / defect, keyboard f/d) needs review_token_file; `anomon review export`
 
 signals:
   SIGTERM, SIGINT  stop: finish the batch in hand; images still waiting are scored at the next start
@@ -471,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-fpr", type=_fpr, help="target false-alarm rate" + _d(TRAIN.target_fpr))
     t.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop training after this long (default: no limit); a cut-short model is flagged in `anomon info`")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    _judgement_flags(t, "train on the alerts operators judged false alarms too (their kept copies)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("calibrate", help="recompute the threshold from normal images",
@@ -482,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--anomalous", metavar="DIR", help="also report how the threshold does on these")
     c.add_argument("-o", "--output", metavar="MODEL", help="write here instead of rewriting MODEL")
     c.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    _judgement_flags(c, "add the alerts operators judged false alarms to the normal images, and the defects to "
+                     "--anomalous (false alarms are the top of the normal scores only, so the threshold rises "
+                     "more than the target asks: see README, Review page)")
     c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("score", help="score image files or folders",
@@ -497,10 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ranking quality (AUROC, average precision) and the false-alarm and detection "
                        "rates at the bundle's threshold, on images the model was not trained on.")
     e.add_argument("model", metavar="MODEL", help="bundle file")
-    e.add_argument("--normal", metavar="DIR", required=True, help="normal images not used in training")
-    e.add_argument("--anomalous", metavar="DIR", required=True, help="defective images")
+    e.add_argument("--normal", metavar="DIR", help="normal images not used in training (required without --judgements)")
+    e.add_argument("--anomalous", metavar="DIR", help="defective images (required without --judgements)")
     e.add_argument("--report", metavar="DIR", help="write ROC curve, histogram, top heat maps and summary.json")
     e.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    _judgement_flags(e, "add the alerts operators judged false alarms to the normal images and the defects to "
+                     "the anomalous ones")
     e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("info", help="print a model bundle's metadata", description="Print a bundle's metadata as JSON "
@@ -530,6 +596,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=("jsonl", "csv", "table"), help="output format (default: table on a terminal, else jsonl)")
     v.set_defaults(func=cmd_verdicts)
 
+    r = sub.add_parser("review", help="the operators' judgements of alerts (the /review page)",
+                       description="Work with the judgements operators gave on the daemon's /review page.")
+    rsub = r.add_subparsers(dest="review_command", required=True, metavar="ACTION", parser_class=_Parser)
+    x = rsub.add_parser("export", help="write the judgements as CSV or JSON lines",
+                        description="One record per judged alert or drift alarm, newest first: what was judged "
+                        "(time, line, path, score, threshold, p-value, model id, kept copy) and the judgement "
+                        "(false_alarm / defect, who, when). Reads the ledger read-only: safe while the daemon runs.")
+    x.add_argument("--state", metavar="DIR", required=True, help="the daemon's state folder")
+    x.add_argument("--format", choices=("csv", "jsonl"), help="output format (default: csv on a terminal, else jsonl)")
+    x.add_argument("--line", metavar="NAME", help="only this line (default: every line)")
+    x.add_argument("--all", action="store_true", help="unreviewed alerts and drift alarms too")
+    x.add_argument("--audit", action="store_true", help="every change ever made (before, after, who, when, "
+                   "from where) instead of the current judgements")
+    x.set_defaults(func=cmd_review_export)
+
     d = sub.add_parser("demo", help="see it work: train on the sample images, run the daemon, feed it images")
     d.add_argument("--once", action="store_true", help="exit after the last image is judged (default: serve until Ctrl-C)")
     d.add_argument("--model", metavar="MODEL", help="use this bundle instead of training one")
@@ -541,6 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--interval", type=_positive_float, default=0.3, metavar="SECONDS", help="pause between images fed (default 0.3)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _judgement_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--judgements", metavar="STATE_DIR", help=f"a daemon's state folder: {what}")
+    p.add_argument("--line", metavar="NAME", help="with --judgements: only this line's (required when the "
+                   "judgements cover several lines)")
 
 
 def _setup_logging(verbose: bool) -> None:
