@@ -50,7 +50,7 @@ import pytest
 import requests
 import yaml
 from conftest import Daemon, TinyModel, free_port
-from test_deploy import AM_CONFIG, RULES
+from test_deploy import AM_CONFIG, RULES, dashboard_targets, grafana_expand
 from test_prometheus_e2e import Prometheus, scrape_config
 
 JOB = "anomon"
@@ -329,6 +329,14 @@ def test_anomaly_rate_and_drift_reach_the_receiver_per_line_and_anomon_down_hold
         assert "-s USR1 anomon" in drift["annotations"]["description"]  # what to do after fixing it
         # Nothing else was sent (no other alert fired on a daemon that is up and scoring).
         assert {a["labels"]["alertname"] for _, a in receiver.alerts()} == {RATE_ALERT, DRIFT_ALERT}
+
+        # Grafana's view of the same: the line picker offers the line, and the drift panel, with
+        # that line picked, shows its martingale at or above the alarm level.
+        assert prom.api("label/line/values", **{"match[]": f'anomon_line_up{{job="{JOB}"}}'}) == [LINE]
+        (drift_expr,) = [t["expr"] for _, t in dashboard_targets()
+                         if "anomon_drift_martingale_log10" in t["expr"]]
+        shown = prom.values(grafana_expand(drift_expr.replace("$line", LINE)), "line")
+        assert set(shown) == {LINE} and shown[LINE] >= 2.0, shown
 
         # AnomonDown for this daemon (as Prometheus would send it after 2 minutes without a
         # scrape): it goes to the on-call receiver, and both per-line alerts are held back.

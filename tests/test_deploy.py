@@ -155,6 +155,11 @@ def dashboard_targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return [(p, t) for p in all_panels(dashboard()["panels"]) for t in p.get("targets", [])]
 
 
+def dashboard_annotations() -> list[dict[str, Any]]:
+    """The dashboard's Prometheus annotation queries (Grafana's built-in one has no expression)."""
+    return [a for a in dashboard()["annotations"]["list"] if "expr" in a]
+
+
 # Grafana variables, replaced as Grafana would before Prometheus sees the query.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*",
                 "$line": ".*"}
@@ -487,9 +492,80 @@ def test_dashboard_exprs_parse(promtool: str, tmp_path: Path) -> None:
         expr = grafana_expand(t["expr"])
         assert "$" not in expr, f"unexpanded variable in panel {p['id']}: {expr}"
         rules.append({"record": f"dashboard_panel{p['id']}_{t['refId']}", "expr": expr})
+    for i, a in enumerate(dashboard_annotations()):
+        expr = grafana_expand(a["expr"])
+        assert "$" not in expr, f"unexpanded variable in annotation {a['name']}: {expr}"
+        rules.append({"record": f"dashboard_annotation{i}", "expr": expr})
     (tmp_path / "dash.rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
     out = run_promtool(promtool, "check", "rules", "dash.rules.yml", cwd=tmp_path)
     assert f"{len(rules)} rules found" in out.stdout + out.stderr
+
+
+def test_dashboard_line_selector() -> None:
+    """A `line` variable lists the lines of the chosen instances, several or all at once."""
+    variables = [v["name"] for v in dashboard()["templating"]["list"]]
+    assert variables == ["datasource", "instance", "line"]  # line's query reads $instance
+    (line,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "line"]
+    assert line["type"] == "query" and line["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    want = 'label_values(anomon_line_up{job="anomon", instance=~"$instance"}, line)'
+    assert line["definition"] == line["query"]["query"] == want
+    assert line["multi"] and line["includeAll"] and line["allValue"] == ".*"
+    assert line["refresh"] == 2  # on time range change: a line added to the config shows up
+
+
+def _by_clauses(expr: str) -> list[set[str]]:
+    return [{x.strip() for x in m.group(1).split(",")} for m in re.finditer(r"\bby\s*\(([^)]*)\)", expr)]
+
+
+def test_every_panel_is_filtered_by_line() -> None:
+    """Every query selects the chosen lines: each per-line series with line=~"$line", and the
+    daemon-wide ones (ready, version, CPU, memory) joined on the daemons that serve those lines.
+    Wherever a query keeps the line (no aggregation, or `by (..., line, ...)`), the legend names
+    it, so two lines never draw two indistinguishable series."""
+    per_line = EXPORTED_SERIES - PROCESS_WIDE
+    queries = [(f"panel {p['id']} ({p['title']})", t["expr"], t) for p, t in dashboard_targets()]
+    queries += [(f"annotation {a['name']}", a["expr"], a) for a in dashboard_annotations()]
+    for where, expr, q in queries:
+        selectors = list(re.finditer(r"\b([a-z_:][a-z0-9_:]*)\{([^}]*)\}", expr))
+        assert selectors, where
+        for m in selectors:
+            if m.group(1) in per_line:
+                assert 'line=~"$line"' in m.group(2), (where, m.group())
+        assert 'line=~"$line"' in expr, where
+        names = promql_metric_names(expr)
+        if names <= PROCESS_WIDE | {"anomon_line_up"} and not names <= {"anomon_line_up"}:
+            # daemon-wide: the join is what filters it
+            assert expr.endswith(' and on (job, instance) anomon_line_up{job="anomon", '
+                                 'instance=~"$instance", line=~"$line"}'), where
+            continue
+        keeps_line = all("line" in by for by in _by_clauses(expr))
+        legend = q.get("legendFormat", q.get("textFormat", ""))
+        if keeps_line and q.get("format") != "table":
+            assert "{{line}}" in legend, (where, legend)
+    assert {p["title"] for p in all_panels(dashboard()["panels"]) if p["type"] != "text"} == {
+        p["title"] for p, _ in dashboard_targets()}  # no panel without a query escapes the check
+
+
+def test_drift_panel_shows_each_lines_martingale_and_the_alarm_level() -> None:
+    (panel,) = [p for p, t in dashboard_targets() if "anomon_drift_martingale_log10" in t["expr"]]
+    (target,) = panel["targets"]
+    assert target["expr"] == ('anomon_drift_martingale_log10'
+                              '{job="anomon", instance=~"$instance", line=~"$line"}')
+    assert "{{line}}" in target["legendFormat"]
+    defaults = panel["fieldConfig"]["defaults"]
+    # The alarm level is drawn: a red threshold at log10(1 / drift_alpha), as AnomonDrift fires.
+    level = -math.log10(WatchConfig.model_fields["drift_alpha"].default)
+    steps = defaults["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, pytest.approx(level)] and steps[1]["color"] == "red"
+    assert defaults["custom"]["thresholdsStyle"]["mode"] != "off"
+    assert defaults["custom"]["axisSoftMax"] > level  # the level is on screen before the curve gets there
+    (rule,) = [a for a in alert_rules() if a["alert"] == "AnomonDrift"]
+    assert rule["expr"].strip().endswith(f">= {level:g}")
+    assert "alarm level" in panel["title"] and "log10(1/drift_alpha)" in panel["description"]
+    # When alarms were raised and tests reset, as markers on the time axis.
+    exprs = {a["name"]: a["expr"] for a in dashboard_annotations()}
+    assert exprs["Drift alarms"].startswith("increase(anomon_drift_alarms_total{")
+    assert exprs["Drift test resets"].startswith("increase(anomon_drift_resets_total{")
 
 
 def test_dashboard_points_to_the_alert_feed() -> None:

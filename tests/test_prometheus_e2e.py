@@ -230,9 +230,11 @@ def test_prometheus_scrapes_evaluates_rules_and_answers_the_dashboard(
             alert = prom.wait_for(settled, f"{ANOMALY_ALERT} pending at a {share:.3f} share", timeout=60)
         except AssertionError as e:
             raise AssertionError(f"{e}\nlast values seen: {seen[-5:]}") from None
+        # Per line: a daemon configured with model + watch serves one line, named "default".
         assert alert["labels"] == {"alertname": ANOMALY_ALERT, "severity": "critical", "job": JOB,
-                                   "instance": target}, alert
-        assert alert["annotations"]["summary"] == f"{share:.1%} of images anomalous on {target}"
+                                   "instance": target, "line": "default"}, alert
+        assert alert["annotations"]["summary"] == (
+            f"{share:.1%} of images anomalous on line default ({target})")
         assert "(alert above 20%)" in alert["annotations"]["description"]
 
         # Every shipped rule evaluates cleanly on real data (no matching or template errors), and
