@@ -657,7 +657,7 @@ def test_dockerfile() -> None:
 def test_compose_wires_the_deploy_files() -> None:
     compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert set(services) == {"anomon", "prometheus", "grafana"}
+    assert set(services) == {"anomon", "prometheus", "alertmanager", "grafana"}
     base = COMPOSE.parent
 
     mounts: dict[str, str] = {}
@@ -672,16 +672,21 @@ def test_compose_wires_the_deploy_files() -> None:
     assert mounts["deploy/grafana/dashboards"] == load_yaml(DASH_PROVISIONING)["providers"][0]["options"]["path"]
     assert mounts["deploy/anomon.toml"] == "/etc/anomon/anomon.toml"
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    assert mounts["deploy/alertmanager"] == "/etc/alertmanager"
+    assert f"--config.file=/etc/alertmanager/{AM_CONFIG.name}" in services["alertmanager"]["command"]
+    # prometheus.yml's Alertmanager (127.0.0.1:9093) is this one, in the shared namespace.
+    assert load_yaml(PROM_CONFIG)["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        "127.0.0.1:9093"]
 
     anomon = services["anomon"]
     assert (base / anomon["build"]["context"] / anomon["build"]["dockerfile"]).resolve() == DOCKERFILE
     assert anomon["command"][-2:] == ["--listen", "0.0.0.0:9108"]
     # The shared network namespace is what makes 127.0.0.1:9108 and localhost:9090 right here.
-    for name in ("anomon", "grafana"):
+    for name in ("anomon", "alertmanager", "grafana"):
         assert services[name]["network_mode"] == "service:prometheus"
     ports = services["prometheus"]["ports"]
     assert all(p.startswith("127.0.0.1:") for p in ports)
-    assert {p.split(":")[1] for p in ports} == {"9090", "3000", "9108"}
+    assert {p.split(":")[1] for p in ports} == {"9090", "3000", "9093", "9108"}
 
 
 # ------------------------------------------------------------------------------- example config
