@@ -481,7 +481,8 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     for needed in ("anomon_images_scored_total", "anomon_anomaly_score_bucket", "anomon_score_threshold",
                    "anomon_intake_latency_seconds_bucket", "anomon_image_errors_total",
                    "anomon_queue_depth", "anomon_model_info", "anomon_last_scored_timestamp_seconds",
-                   "anomon_model_reloads_total", "anomon_drift_martingale_log10", "anomon_p_value_bucket"):
+                   "anomon_model_reloads_total", "anomon_drift_martingale_log10", "anomon_p_value_bucket",
+                   "anomon_line_up"):
         assert needed in used, needed
 
 
