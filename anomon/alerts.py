@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomon.config import watch_default
+from anomon.config import DEFAULT_LINE, watch_default
 from anomon.ledger import Ledger, iso, json_line
 from anomon.state import DEAD_LETTER_NAME, JSONL_NAME, cut_torn_tail, last_id
 
@@ -159,12 +159,19 @@ class WebhookSender(_ExportThread):
     # table) so a restart goes on counting toward max_age_s instead of starting from zero.
     FAILING = "webhook_failing_ms"
 
-    def __init__(self, ledger: Ledger, state_dir: Path, url: str, *,
+    def __init__(self, ledger: Ledger, state_dir: Path, url: str, *, line: str = DEFAULT_LINE,
                  timeout_s: float = watch_default("webhook_timeout_s"),
                  max_backoff_s: float = watch_default("webhook_max_backoff_s"),
                  max_age_s: float = watch_default("webhook_max_age_s"),
                  max_spool_bytes: int = watch_default("webhook_max_spool_bytes"),
                  on_result: Callable[[str], None] = lambda result: None) -> None:
+        # One sender per line, each with its own cursor (the line `default` keeps the names of a
+        # daemon from before lines, so an upgrade neither re-sends nor skips an alert).
+        self.line = line
+        if line != DEFAULT_LINE:
+            self.name = f"webhook:{line}"
+            self.CURSOR = f"webhook:{line}"
+            self.FAILING = f"webhook_failing_ms:{line}"
         super().__init__()
         self._ledger = ledger
         self.url = url
@@ -182,7 +189,7 @@ class WebhookSender(_ExportThread):
         if self._failed_s is None:
             self._failed_before = self._failed_s = self._ledger.cursor(self.FAILING) / 1000.0
         cursor = self._ledger.cursor(self.CURSOR)
-        alerts = self._ledger.alerts_after(cursor, 100)
+        alerts = self._ledger.alerts_after(cursor, 100, line=self.line)
         for a in alerts:
             if not self._deliver(a):
                 return False  # stopping
@@ -258,7 +265,7 @@ class WebhookSender(_ExportThread):
         """Rough size of what waits (this alert's size times the alerts not yet delivered)."""
         if self._max_spool_bytes <= 0:
             return 0
-        n = self._ledger.pending_alerts(alert_id - 1)
+        n = self._ledger.pending_alerts(alert_id - 1, line=self.line)
         return n * body_len
 
     def _post(self, body: bytes, key: str) -> tuple[int | None, str]:

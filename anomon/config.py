@@ -7,11 +7,13 @@ bad value fails at start with the field's name and the reason, never deep inside
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from anomon.errors import ConfigError
 
@@ -51,13 +53,57 @@ class TrainConfig(BaseModel):
     time_budget_s: float | None = Field(None, gt=0)
 
 
-class WatchConfig(BaseModel):
-    """The daemon's configuration (see deploy/anomon.toml for every field explained)."""
+DEFAULT_LINE = "default"
+# A line's name becomes a Prometheus label value, a ledger column and part of log lines: short,
+# plain, and not a path.
+LINE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class LineConfig(BaseModel):
+    """One inspection line: a camera (or product) with its own folders and model. The optional
+    fields default to the daemon-wide ones of the same name."""
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str = Field(pattern=LINE_NAME)
     model: Path
     watch: list[Path] = Field(min_length=1)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    # Another false-alarm target than the bundle's: the threshold is set again, at start and at
+    # every reload, from the calibration scores the bundle holds (the same conformal rule).
+    target_fpr: float | None = Field(None, gt=0.0, lt=1.0)
+    webhook_url: str | None = None
+    drift_alpha: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        return _check_url(v)
+
+
+def _check_url(v: str | None) -> str | None:
+    if v is not None and not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+    return a == b or a in b.parents or b in a.parents
+
+
+class WatchConfig(BaseModel):
+    """The daemon's configuration (see deploy/anomon.toml for every field explained).
+
+    One line is `model` + `watch` (the line is called `default`); several are `[[lines]]`
+    tables, each with its own name, model and folders. Not both: a config that mixed them would
+    leave the reader guessing which model scores which folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = None
+    watch: list[Path] = Field(default_factory=list)
+    lines: list[LineConfig] = Field(default_factory=list)
     state: Path = Path("anomon-state")
     # A state folder that has held a ledger (alerts.jsonl, anomalies/ ...) but has none now is
     # refused: starting afresh would score and alert every image again. True = start afresh anyway.
@@ -95,6 +141,13 @@ class WatchConfig(BaseModel):
     # drift (anomon.drift): a false drift alarm has probability at most drift_alpha per reset
     drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)
 
+    # review (anomon.review): the page at /review, read-only unless a token is set; judging sends
+    # it as `Authorization: Bearer TOKEN`. A file (readable by the daemon's user only) keeps it out
+    # of the config, which more people read.
+    review_page: bool = True
+    review_token: SecretStr | None = None
+    review_token_file: Path | None = None
+
     # lifecycle
     stop_timeout_s: float = Field(10.0, gt=0)
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -111,9 +164,71 @@ class WatchConfig(BaseModel):
     @field_validator("webhook_url")
     @classmethod
     def _check_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        return _check_url(v)
+
+    # -- review --
+    @field_validator("review_token")
+    @classmethod
+    def _check_review_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            _check_token(v.get_secret_value())
         return v
+
+    @field_validator("review_token_file")
+    @classmethod
+    def _check_review_token_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None:
+            if info.data.get("review_token") is not None:
+                raise ValueError("give review_token or review_token_file, not both")
+            _check_token(_read_token(v))
+        return v
+
+    def review_secret(self) -> str | None:
+        """The review token, read now (from the file, if that is where it is); None = read-only."""
+        if self.review_token is not None:
+            return self.review_token.get_secret_value()
+        if self.review_token_file is not None:
+            try:
+                return _check_token(_read_token(self.review_token_file))
+            except ValueError as e:
+                raise ConfigError(f"invalid configuration: review_token_file: {e}") from None
+        return None
+    # -- end review --
+
+    @model_validator(mode="after")
+    def _check_lines(self) -> WatchConfig:
+        if self.lines:
+            if self.model is not None or self.watch:
+                raise ValueError("lines: give either model + watch (one line, named default) or "
+                                 "[[lines]] (each with its own name, model and watch), not both")
+            names = [ln.name for ln in self.lines]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"lines: names must be unique: {', '.join(twice)} given twice")
+        else:
+            missing = [f for f, v in (("model", self.model), ("watch", self.watch)) if not v]
+            if missing:
+                raise ValueError(f"{missing[0]}: required (or [[lines]], each with its own name, "
+                                 "model and watch)")
+        # Every folder belongs to one line: a file in two lines' folders would be judged by two
+        # models and recorded twice, or by whichever came first.
+        folders = [(ln.name, w) for ln in self.all_lines() for w in ln.watch]
+        for i, (la, a) in enumerate(folders):
+            for lb, b in folders[i + 1:]:
+                if _overlap(a, b):
+                    where = f"line {la}" if la == lb else f"lines {la} and {lb}"
+                    raise ValueError(f"watch: folders overlap ({where}): {a} and {b}; each "
+                                     "folder belongs to one line")
+        return self
+
+    def all_lines(self) -> list[LineConfig]:
+        """The lines to run, with the daemon-wide settings filled in where a line has none."""
+        lines = self.lines or [LineConfig(name=DEFAULT_LINE, model=self.model, watch=self.watch)]  # type: ignore[arg-type]
+        return [ln.model_copy(update={
+            "batch_size": ln.batch_size or self.batch_size,
+            "webhook_url": ln.webhook_url if ln.webhook_url is not None else self.webhook_url,
+            "drift_alpha": ln.drift_alpha or self.drift_alpha,
+        }) for ln in lines]
 
     @property
     def host(self) -> str:
@@ -122,6 +237,25 @@ class WatchConfig(BaseModel):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+MIN_REVIEW_TOKEN = 16
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_token(token: str) -> str:
+    """A review token that can go in a header and is not guessed by trying: 16 or more printable
+    ASCII characters, no spaces (`openssl rand -hex 16` makes one)."""
+    if len(token) < MIN_REVIEW_TOKEN or not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"the token must be at least {MIN_REVIEW_TOKEN} printable ASCII characters "
+                         "without spaces (make one with: openssl rand -hex 16)")
+    return token
 
 
 def watch_default(field: str) -> Any:
@@ -134,9 +268,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line: `source: field: reason[; field: reason]`."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # a check across fields names them itself
     return f"invalid configuration ({source}): " + "; ".join(parts)
 
 

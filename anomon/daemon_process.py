@@ -47,7 +47,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def toml_value(v: Any) -> str:
-    """One value in TOML syntax: str (and paths), bool, int, float, and lists of these.
+    """One value in TOML syntax: str (and paths), bool, int, float, and lists and dicts of these.
 
     A JSON string is a TOML basic string once DEL, which TOML wants escaped, is escaped;
     `ensure_ascii=False` keeps characters outside the BMP as they are (JSON's surrogate-pair
@@ -58,27 +58,73 @@ def toml_value(v: Any) -> str:
         return repr(v)  # inf and nan are spelled the same in TOML
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # an inline table: a `[[lines]]` entry, say
+        return "{" + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (str, os.PathLike)):
         return json.dumps(os.fspath(v), ensure_ascii=False).replace("\x7f", "\\u007f")
-    raise TypeError(f"no TOML for {type(v).__name__} (flat configs only: str, bool, int, float, lists)")
+    raise TypeError(f"no TOML for {type(v).__name__} (str, bool, int, float, lists, dicts only)")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
 
 
 def write_toml(path: Path, values: Mapping[str, Any], comment: str | None = None) -> None:
     """Write a flat TOML file (one `key = value` line each), with `comment` lines on top."""
     head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
-    body = "".join(f"{k if _BARE_KEY.match(k) else json.dumps(k)} = {toml_value(v)}\n"
-                   for k, v in values.items())
+    body = "".join(f"{_key(k)} = {toml_value(v)}\n" for k, v in values.items())
     Path(path).write_text(head + body, encoding="utf-8")
 
 
-def parse_metrics(text: str) -> dict[str, float]:
+_KEY = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _split_key(key: str) -> tuple[str, frozenset[tuple[str, str]]] | None:
+    m = _KEY.match(key)
+    return (m.group(1), frozenset(_LABEL.findall(m.group(2) or ""))) if m else None
+
+
+class Samples(dict):  # type: ignore[type-arg]
+    """parse_metrics's answer. A key naming only some labels, like PromQL's `sum without` the
+    others, is the sum of the samples that have those labels: 'anomon_images_scored_total{verdict="normal"}'
+    is the count over every line, so a check needs no line unless it is about lines."""
+
+    def __missing__(self, key: str) -> float:
+        want = _split_key(key)
+        if want is None:
+            raise KeyError(key)
+        found = [v for k, v in self.items()
+                 if (got := _split_key(k)) is not None and got[0] == want[0] and want[1] <= got[1]]
+        if not found:
+            raise KeyError(key)
+        return float(sum(found))
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def parse_metrics(text: str) -> Samples:
     """Every sample of a Prometheus text exposition as {'name{a="x",b="y"}': value}.
 
-    Labels are sorted, so a key can be written by hand; a sample without labels is its bare name.
-    Parsed by prometheus_client, as Prometheus itself would read it."""
+    Labels are sorted, so a key can be written by hand; a sample without labels is its bare name;
+    a key with fewer labels than the samples sums them (see Samples). Parsed by prometheus_client,
+    as Prometheus itself would read it."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, float] = {}
+    out = Samples()
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
@@ -244,7 +290,7 @@ class DaemonProcess:
             with e:
                 return Reply(e.code, e.read())
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> Samples:
         """/metrics parsed by parse_metrics: {'name{labels}': value}."""
         status, body = self.get("/metrics")
         if status != 200:

@@ -158,8 +158,12 @@ class Intake:
         self._pending: dict[str, _Pending] = {}
         self._deferred: dict[str, _Deferred] = {}
         self._inflight: dict[str, int] = {}
-        self._ready: deque[Candidate] = deque()
-        self._ready_len = 0  # read by other threads (backlog); ints are replaced atomically
+        # Ready candidates waiting for room in `out`, per `out.key(candidate)` when `out` has
+        # such a method (anomon.linequeue: one queue per line), so a full line never holds up
+        # another line's images behind its own.
+        self._key: Callable[[Candidate], str] = getattr(out, "key", lambda cand: "")
+        self._ready: dict[str, deque[Candidate]] = {}
+        self._ready_len: dict[str, int] = {}  # read by other threads (backlog); replaced whole
         self._rescan_wanted = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -224,9 +228,12 @@ class Intake:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def backlog(self) -> int:
-        """Complete images waiting to be scored (queued, or waiting for room in the queue)."""
-        return self._out.qsize() + self._ready_len
+    def backlog(self, key: str | None = None) -> int:
+        """Complete images waiting to be scored (queued, or waiting for room in the queue); with
+        `key`, those of one queue (a line)."""
+        if key is None:
+            return self._out.qsize() + sum(self._ready_len.values())
+        return self._out.depth(key) + self._ready_len.get(key, 0)  # type: ignore[attr-defined]
 
     # -- messages from other threads -------------------------------------------------------------
 
@@ -387,19 +394,22 @@ class Intake:
 
     def _emit(self, cand: Candidate) -> None:
         self._inflight[cand.path] = self._inflight.get(cand.path, 0) + 1
-        self._ready.append(cand)
-        self._ready_len = len(self._ready)
+        key = self._key(cand)
+        ready = self._ready.setdefault(key, deque())
+        ready.append(cand)
+        self._ready_len = {**self._ready_len, key: len(ready)}
 
     def _flush(self) -> None:
         """Move ready candidates into the bounded scoring queue while it has room. Never blocks:
         events keep being handled while the scorer catches up."""
-        while self._ready:
-            try:
-                self._out.put_nowait(self._ready[0])
-            except queue.Full:
-                break
-            self._ready.popleft()
-        self._ready_len = len(self._ready)
+        for ready in self._ready.values():
+            while ready:
+                try:
+                    self._out.put_nowait(ready[0])
+                except queue.Full:
+                    break
+                ready.popleft()
+        self._ready_len = {k: len(r) for k, r in self._ready.items()}
 
     # -- paths -----------------------------------------------------------------------------------
 

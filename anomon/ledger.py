@@ -583,12 +583,19 @@ class Ledger:
             "INSERT INTO exports (name, last_id) VALUES (?, ?) "
             "ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id", (name, last_id))
 
-    def alerts_after(self, since_id: int, limit: int = 1000) -> list[dict[str, Any]]:
-        return alerts_after(self._conn, since_id, limit, ledger_id=self.ledger_id, epochs=self.epochs)
+    def alerts_after(self, since_id: int, limit: int = 1000, *, line: str | None = None) -> list[dict[str, Any]]:
+        return alerts_after(self._conn, since_id, limit, ledger_id=self.ledger_id, epochs=self.epochs,
+                            line=line)
 
-    def pending_alerts(self, since_id: int) -> int:
-        """How many alerts have an id above `since_id` (an exporter's backlog)."""
-        return int(self._conn.execute("SELECT COUNT(*) FROM alerts WHERE id > ?", (since_id,)).fetchone()[0])
+    def pending_alerts(self, since_id: int, *, line: str | None = None) -> int:
+        """How many alerts (of `line`, or all) have an id above `since_id` (an exporter's backlog)."""
+        if line is None:
+            sql, args = "SELECT COUNT(*) FROM alerts WHERE id > ?", (since_id,)
+        else:
+            sql = ("SELECT COUNT(*) FROM alerts a JOIN images i ON i.id = a.image_id "
+                   "WHERE a.id > ? AND i.line = ?")
+            args = (since_id, line)  # type: ignore[assignment]
+        return int(self._conn.execute(sql, args).fetchone()[0])
 
 
 def db_path(path: str | None) -> str | bytes | None:
@@ -701,19 +708,21 @@ _ALERT_SQL = (
     "SELECT a.id AS id, a.image_id AS image_id, a.created_at AS created_at, a.anomaly_image, "
     "a.heatmap, i.path, {line} AS line, i.score, i.p_value, i.threshold, i.model_id, i.sha256, i.size, "
     "i.arrived_at FROM alerts a JOIN images i ON i.id = a.image_id "
-    "WHERE a.id > ? ORDER BY a.id LIMIT ?"
+    "WHERE a.id > ? {only} ORDER BY a.id LIMIT ?"
 )
 
 
 def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
                  ledger_id: str | None = None,
-                 epochs: Sequence[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
-    """Alerts with id > since_id, oldest first, as JSON-ready dicts."""
+                 epochs: Sequence[tuple[int, str]] | None = None,
+                 line: str | None = None) -> list[dict[str, Any]]:
+    """Alerts with id > since_id (of `line`, or all), oldest first, as JSON-ready dicts."""
     lid = ledger_id if ledger_id is not None else ledger_id_of(conn)
     eps = epochs if epochs is not None else _epochs(conn)
     out = []
-    line = line_column(conn).replace("line", "i.line")
-    for r in conn.execute(_ALERT_SQL.format(line=line), (since_id, limit)):
+    column = line_column(conn).replace("line", "i.line")
+    only, args = ("AND " + column + " = ?", (since_id, line, limit)) if line is not None else ("", (since_id, limit))
+    for r in conn.execute(_ALERT_SQL.format(line=column, only=only), args):
         out.append({
             "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
             "time": iso(r["created_at"]),

@@ -3,16 +3,24 @@
 Threads, and the one job each has:
 - watchdog observer: file-system events -> intake messages (never blocks);
 - intake: decides when a file is complete; start-up backlog and periodic rescans (anomon.intake);
-- scoring worker (exactly one): takes up to `batch_size` waiting images, reads each file once
-  (hash and decode the same bytes), scores them in one forward pass, and records the whole batch
-  in one ledger transaction. It is the only writer of verdicts, so "seen?" then "record" cannot race;
+- scoring worker (exactly one): takes up to `batch_size` waiting images of one line, reads each
+  file once (hash and decode the same bytes), scores them in one forward pass of that line's model,
+  and records the whole batch in one ledger transaction. It is the only writer of verdicts, so
+  "seen?" then "record" cannot race. Lines take turns (anomon.linequeue), one batch each;
 - exporters: alerts.jsonl and the webhook (anomon.alerts), from the ledger's alerts table;
 - HTTP: /metrics /healthz /readyz /alerts (anomon.web);
 - main: signals, model reloads, systemd notifications, gauges.
 
-The scoring worker also owns the drift test (anomon.drift): it bets on each batch's scores, and the
-test's new state goes into the batch's ledger transaction. It starts again when another model
-serves (the worker notices the new model_id between batches) and on SIGUSR1 (the operator's reset).
+Lines: each configured line (WatchConfig.all_lines; one line `default` for `model` + `watch`) has
+its folders, its model, its drift test and its metrics' children. A line's model is loaded and
+reloaded on its own; with several lines, one whose model fails to load at start waits (its images
+queue, `anomon_line_up` is 0, /readyz names it) while the others are scored, and starts once its
+model file is replaced by a good one (or at SIGHUP).
+
+The scoring worker also owns the drift tests (anomon.drift): it bets on each batch's scores, and the
+line's test's new state goes into the batch's ledger transaction. A line's test starts again when
+another model serves it (the worker notices the new model_id between batches) and on SIGUSR1 (the
+operator's reset, every line).
 
 Nothing is marked done before its verdict is committed, so `kill -9` at any point loses nothing:
 the start-up rescan finds every file the ledger has not recorded. SIGTERM stops intake, lets the
@@ -26,7 +34,6 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -37,7 +44,7 @@ from typing import Any
 from anomon import state
 from anomon.alerts import JsonlExporter, WebhookSender
 from anomon.anomalies import AnomalyStore
-from anomon.config import WatchConfig
+from anomon.config import LineConfig, WatchConfig
 from anomon.drift import DriftTest, Step
 from anomon.errors import StartupError
 from anomon.heap import HeapTrimmer
@@ -45,8 +52,9 @@ from anomon.images import ImageError, read_file
 from anomon.intake import Candidate, Intake
 from anomon.ledger import (DriftAlarm, DriftRecord, Ledger, LedgerError, Sighting, Verdict, is_seen,
                            open_readonly)
+from anomon.linequeue import LineQueues
 from anomon.logs import setup_logging
-from anomon.metrics import Metrics
+from anomon.metrics import LineMetrics, Metrics
 from anomon.scoring import Prepared, decode, records
 from anomon.systemd import sd_notify, watchdog_interval
 from anomon.web import WebServer
@@ -65,8 +73,6 @@ _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, 
 # Errors that may clear up (an operator fixes the permissions): recorded once, as "unreadable",
 # without marking the file's state seen, so every rescan tries it again and a fixed file is scored.
 _RETRIED = frozenset({errno.EACCES, errno.EPERM})
-# The drift test's line (anomon.drift): today one daemon, one model, one line.
-DRIFT_LINE = ""
 # What a drift alarm's direction suggests to look at (bench/results/drift.md: a dimming lamp raised
 # the casting photos' scores and lowered KolektorSDD's; a blurring lens lowered both).
 _DRIFT_HIGHER = "lighting, dirt, a moved camera, a new material, or more small defects"
@@ -88,12 +94,53 @@ class _Scorable:
     prepared: Prepared
 
 
-def _error(cand: Candidate, reason: str, message: str, st: os.stat_result | None = None,
+def _error(line: str, cand: Candidate, reason: str, message: str, st: os.stat_result | None = None,
            sha256: str | None = None) -> Verdict:
-    return Verdict(path=cand.path, verdict="error", reason=reason, message=message,
+    return Verdict(path=cand.path, line=line, verdict="error", reason=reason, message=message,
                    arrived_at=cand.arrived_at, scored_at=time.time(),
                    size=st.st_size if st else None, mtime_ns=st.st_mtime_ns if st else None,
                    sha256=sha256)
+
+
+# ------------------------------------------------------------------------------ one line
+
+
+class _Line:
+    """What the daemon holds for one line. `detector` is swapped whole by a reload (the worker
+    takes one reference per batch); `drift` belongs to the scoring worker once it runs."""
+
+    def __init__(self, cfg: LineConfig, device: str) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.device = device
+        self.detector: Any = None
+        self.load_error: str | None = None  # why the model did not load at start (None: serving)
+        self.model_stat: tuple[int, int, int] | None = None
+        self.metrics: LineMetrics | None = None
+        self.drift: DriftTest | None = None
+
+    def stat_model(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.cfg.model)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def load(self) -> Any:
+        """The line's model from its bundle, at the line's own false-alarm target if it has one
+        (the bundle's calibration scores, the same conformal rule); BundleError if unusable."""
+        from anomon.detector import Detector  # torch: imported after the cheap checks
+
+        self.model_stat = self.stat_model()
+        det = Detector.load(self.cfg.model, device=self.device)
+        if self.cfg.target_fpr is not None and self.cfg.target_fpr != det.target_fpr:
+            file_id = det.model_id
+            det.calibrate(det.calibration_scores_.numpy(), self.cfg.target_fpr)
+            log.info("line %s: threshold %.5g for its target false-alarm rate %g (bundle %s set %g); "
+                     "model id %s stands for this bundle at this target", self.name, det.threshold_,
+                     self.cfg.target_fpr, file_id, det.calibration_info_.get("target_fpr", 0.0),
+                     det.model_id, extra={"line": self.name, "model_id": det.model_id})
+        return det
 
 
 # ------------------------------------------------------------------------------ the service
@@ -104,13 +151,16 @@ class Service:
         self.cfg = cfg
         self.state = Path(cfg.state).absolute()
         self.ledger_file = state.ledger_path(self.state)
-        self._roots = sorted((os.path.realpath(w) for w in cfg.watch), key=len, reverse=True)
-        self.detector: Any = None
+        self.lines = {ln.name: _Line(ln, cfg.device) for ln in cfg.all_lines()}
+        self._roots = sorted((os.path.realpath(w) for ln in self.lines.values() for w in ln.cfg.watch),
+                             key=len, reverse=True)
         self.ledger: Ledger | None = None
         self.metrics: Metrics | None = None
         self.intake: Intake | None = None
         self.web: WebServer | None = None
-        self.queue: queue.Queue[Candidate] = queue.Queue(maxsize=cfg.queue_size)
+        self.queue = LineQueues({n: [str(w) for w in ln.cfg.watch] for n, ln in self.lines.items()},
+                                maxsize=cfg.queue_size,
+                                batch_sizes={n: ln.cfg.batch_size or cfg.batch_size for n, ln in self.lines.items()})
         self.exporters: list[Any] = []
         self.anomalies: AnomalyStore | None = None
         self._stop = threading.Event()
@@ -120,34 +170,48 @@ class Service:
         self._worker_beat = time.monotonic()
         self._worker_error: str | None = None
         self._lock_fd: int | None = None
-        self._model_stat: tuple[int, int, int] | None = None
         self._ready_sent = False
-        self.drift: DriftTest | None = None  # the scoring worker's, once it runs
         self._drift_reset = threading.Event()
+
+    @property
+    def detector(self) -> Any:
+        """The model of the first line (the only one of a one-line daemon)."""
+        return next(iter(self.lines.values())).detector
 
     # -- start-up ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Everything up to "watching"; raises StartupError with one line on any user problem."""
         cfg = self.cfg
-        for d in cfg.watch:
-            if not Path(d).is_dir():
-                raise StartupError(f"watch folder not found (or not a folder): {d}")
+        for ln in self.lines.values():
+            for d in ln.cfg.watch:
+                if not Path(d).is_dir():
+                    where = "" if len(self.lines) == 1 else f" (line {ln.name})"
+                    raise StartupError(f"watch folder not found (or not a folder){where}: {d}")
+        real = sorted((os.path.realpath(w), ln.name) for ln in self.lines.values() for w in ln.cfg.watch)
+        for (a, la), (b, lb) in zip(real, real[1:]):
+            if b == a or b.startswith(a.rstrip(os.sep) + os.sep):  # links can hide what config saw
+                raise StartupError(f"watch folders overlap (lines {la} and {lb}) once links are "
+                                   f"resolved: {a} and {b}; each folder belongs to one line")
 
-        # The model and the port first: a start that fails on either leaves no state behind.
-        from anomon.detector import Detector  # torch: imported after the cheap checks
+        # The models and the port first: a start that fails on either leaves no state behind.
+        self._load_models()
+        self.metrics = m = Metrics({n: (ln.detector.threshold_ if ln.detector else None)
+                                    for n, ln in self.lines.items()})
+        for ln in self.lines.values():
+            ln.metrics = m.line(ln.name)
+            if ln.detector is not None:
+                det = ln.detector
+                ln.metrics.set_model(det.model_id, det.size_label, det.channels, det.threshold_)
+            else:
+                ln.metrics.up.set(0)
+                self.queue.pause(ln.name)
+        from anomon.review import ReviewPage  # review: the page at /review (its token is read now)
 
-        self.detector = Detector.load(cfg.model, device=cfg.device)  # BundleError: one line
-        self._model_stat = self._stat_model()
-        det = self.detector
-        self.metrics = m = Metrics(det.threshold_)
-        m.set_model(det.model_id, det.size_label, det.channels, det.threshold_)
-        log.info("model %s loaded from %s (threshold %.5g, %s px, %d channel(s))", det.model_id,
-                 cfg.model, det.threshold_, det.size_label, det.channels,
-                 extra={"model_id": det.model_id})
+        review = ReviewPage(self.state, token=cfg.review_secret(), metrics=m) if cfg.review_page else None
         try:
             self.web = WebServer(cfg.host, cfg.port, registry=m.registry, ready=self.ready_checks,
-                                 healthy=self.healthy, ledger_file=self.ledger_file)
+                                 healthy=self.healthy, ledger_file=self.ledger_file, review=review)
         except OSError as e:
             raise StartupError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
 
@@ -164,7 +228,9 @@ class Service:
         except LedgerError as e:
             raise StartupError(str(e)) from None
         try:
-            self.drift = self._resume_drift(self.ledger, det)
+            for ln in self.lines.values():
+                if ln.detector is not None:
+                    ln.drift = self._resume_drift(self.ledger, ln)
         except Exception as e:  # sqlite3 errors: a ledger that opened but cannot be written
             raise StartupError(f"ledger {self.ledger_file}: cannot read or write the drift test's "
                                f"state ({type(e).__name__}: {e})") from None
@@ -178,7 +244,7 @@ class Service:
         self._worker.start()
 
         self.intake = Intake(
-            [str(p) for p in cfg.watch], self.queue, is_seen=self._seen_checker(),
+            [str(w) for ln in self.lines.values() for w in ln.cfg.watch], self.queue, is_seen=self._seen_checker(),
             ignore_patterns=cfg.ignore_patterns, exclude=[self.state], polling=cfg.polling,
             poll_interval_s=cfg.poll_interval_s, stable_s=cfg.stable_s,
             incomplete_grace_s=cfg.incomplete_grace_s, reconcile_interval_s=cfg.reconcile_interval_s,
@@ -189,17 +255,47 @@ class Service:
             raise StartupError(f"cannot watch {e.filename or 'the folders'}: {e.strerror or e}") from None
         # Evaluated at scrape time, so they never lag behind /readyz or the queue.
         m.ready.set_function(lambda: float(self.is_ready()))
-        m.queue_depth.set_function(self.intake.backlog)
+        intake = self.intake
+        for ln in self.lines.values():
+            ln.metrics.queue_depth.set_function(  # type: ignore[union-attr]
+                lambda name=ln.name: intake.backlog(name))
 
         self.exporters.append(JsonlExporter(self.ledger.reopen(), self.state))
-        if cfg.webhook_url:
-            self.exporters.append(WebhookSender(
-                self.ledger.reopen(), self.state, cfg.webhook_url, timeout_s=cfg.webhook_timeout_s,
-                max_backoff_s=cfg.webhook_max_backoff_s, max_age_s=cfg.webhook_max_age_s,
-                max_spool_bytes=cfg.webhook_max_spool_bytes,
-                on_result=lambda r: m.webhook_deliveries.labels(result=r).inc()))
+        for ln in self.lines.values():
+            if ln.cfg.webhook_url:
+                self.exporters.append(WebhookSender(
+                    self.ledger.reopen(), self.state, ln.cfg.webhook_url, line=ln.name,
+                    timeout_s=cfg.webhook_timeout_s, max_backoff_s=cfg.webhook_max_backoff_s,
+                    max_age_s=cfg.webhook_max_age_s, max_spool_bytes=cfg.webhook_max_spool_bytes,
+                    on_result=lambda r, lm=ln.metrics: lm.webhook_deliveries[r].inc()))  # type: ignore[union-attr]
         for e in self.exporters:
             e.start()
+
+    def _load_models(self) -> None:
+        """Every line's model. One line: a model that does not load stops the start (one line of
+        error, as ever). Several: that line waits for a good model and the others start; only
+        if none loads does the start fail."""
+        from anomon.detector import BundleError
+
+        for ln in self.lines.values():
+            try:
+                ln.detector = ln.load()
+            except BundleError as e:
+                if len(self.lines) == 1:
+                    raise
+                ln.load_error = str(e)
+                log.error("line %s: model not loaded, its images wait until a good model is in place "
+                          "(replace the file or SIGHUP): %s", ln.name, e,
+                          extra={"line": ln.name, "reload": "failure"})
+                continue
+            det = ln.detector
+            log.info("%smodel %s loaded from %s (threshold %.5g, %s px, %d channel(s))",
+                     "" if len(self.lines) == 1 else f"line {ln.name}: ", det.model_id, ln.cfg.model,
+                     det.threshold_, det.size_label, det.channels,
+                     extra={"model_id": det.model_id, "line": ln.name})
+        if all(ln.detector is None for ln in self.lines.values()):
+            raise StartupError("no line's model could be loaded: " + "; ".join(
+                f"{ln.name}: {ln.load_error}" for ln in self.lines.values()))
 
     def _seen_checker(self):
         """`is_seen` for the intake thread, on that thread's own read-only connection."""
@@ -223,19 +319,25 @@ class Service:
         intake_ok = self.intake is None or self.intake.alive or self._stop.is_set()
         return worker_ok and intake_ok
 
-    def ready_checks(self) -> dict[str, bool]:
+    def ready_checks(self) -> dict[str, Any]:
+        """/readyz's checks. The daemon is ready while at least one line has a model: a line
+        whose model failed to load is down on its own (`lines` says which and why, and
+        anomon_line_up is 0), it does not make the host's other lines look down."""
         i = self.intake
+        lines = {"lines": {n: ("serving" if ln.detector is not None else f"waiting for a model: {ln.load_error}")
+                           for n, ln in self.lines.items()}} if len(self.lines) > 1 else {}
         return {
-            "model_loaded": self.detector is not None,
+            "model_loaded": any(ln.detector is not None for ln in self.lines.values()),
             "ledger_open": self.ledger is not None and self._worker_error is None,
             "watcher_running": i is not None and i.watching,
             "startup_rescan_done": i is not None and i.startup_scan_done.is_set(),
             "scorer_running": self._worker is not None and self._worker.is_alive(),
             "not_stopping": not self._stop.is_set(),
+            **lines,
         }
 
     def is_ready(self) -> bool:
-        return all(self.ready_checks().values())
+        return all(v for v in self.ready_checks().values() if isinstance(v, bool))
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -253,9 +355,12 @@ class Service:
                 next_ping = time.monotonic() + ping_every
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload_model("SIGHUP")
-            elif self._model_changed():
-                self.reload_model("model file changed")
+                for ln in self.lines.values():
+                    self.reload_model("SIGHUP", ln)
+            else:
+                for ln in self.lines.values():
+                    if self._model_changed(ln):
+                        self.reload_model("model file changed", ln)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -296,47 +401,49 @@ class Service:
 
     # -- model reloads -----------------------------------------------------------------------
 
-    def _stat_model(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.cfg.model)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
-    def _model_changed(self) -> bool:
+    def _model_changed(self, ln: _Line) -> bool:
         """The file changed and then stayed the same for a moment (a writer may be mid-copy)."""
-        now = self._stat_model()
-        if now is None or now == self._model_stat:
+        now = ln.stat_model()
+        if now is None or now == ln.model_stat:
             return False
         time.sleep(0.3)
-        if self._stat_model() != now:
+        if ln.stat_model() != now:
             return False
         return True
 
-    def reload_model(self, why: str) -> bool:
-        """Load the new model beside the old one and switch atomically; keep the old on failure."""
-        from anomon.detector import BundleError, Detector
+    def reload_model(self, why: str, ln: _Line | None = None) -> bool:
+        """Load a line's new model beside the old one and switch atomically; keep the old on
+        failure. A line that had no model starts scoring with its first good one."""
+        from anomon.detector import BundleError
 
-        assert self.metrics is not None
-        self._model_stat = self._stat_model()
-        old = self.detector
+        ln = ln or next(iter(self.lines.values()))
+        lm = ln.metrics
+        assert lm is not None
+        old = ln.detector
+        who = self._who(ln)
         try:
-            new = Detector.load(self.cfg.model, device=self.cfg.device)
+            new = ln.load()
         except BundleError as e:
-            self.metrics.model_reloads.labels(result="failure").inc()
-            log.error("model reload (%s) refused, still serving %s: %s", why, old.model_id, e,
-                      extra={"model_id": old.model_id, "reload": "failure"})
+            lm.model_reloads["failure"].inc()
+            still = f"still serving {old.model_id}" if old is not None else "its images still wait"
+            log.error("%smodel reload (%s) refused, %s: %s", who, why, still, e,
+                      extra={"model_id": old.model_id if old else None, "reload": "failure", "line": ln.name})
             return False
-        self.detector = new  # one reference swap; the worker takes it at its next batch
-        self.metrics.set_model(new.model_id, new.size_label, new.channels, new.threshold_)
-        self.metrics.model_reloads.labels(result="success").inc()
-        base = self.metrics.bucket_threshold
+        ln.detector = new  # one reference swap; the worker takes it at its next batch
+        ln.load_error = None
+        lm.set_model(new.model_id, new.size_label, new.channels, new.threshold_)
+        lm.model_reloads["success"].inc()
+        if old is None:
+            self.queue.pause(ln.name, False)
+        base = lm.bucket_threshold
         if base > 0 and not 0.5 <= new.threshold_ / base <= 2.0:
-            log.warning("new threshold %.5g is far from %.5g, which the anomon_anomaly_score buckets "
-                        "were placed around; restart to re-place them", new.threshold_, base)
-        log.info("model reloaded (%s): %s -> %s (threshold %.5g)", why, old.model_id, new.model_id,
-                 new.threshold_, extra={"model_id": new.model_id, "previous_model_id": old.model_id,
-                                        "reload": "success"})
+            log.warning("%snew threshold %.5g is far from %.5g, which the anomon_anomaly_score buckets "
+                        "were placed around; restart to re-place them", who, new.threshold_, base,
+                        extra={"line": ln.name})
+        log.info("%smodel reloaded (%s): %s -> %s (threshold %.5g)", who, why,
+                 old.model_id if old is not None else "none", new.model_id, new.threshold_,
+                 extra={"model_id": new.model_id, "previous_model_id": old.model_id if old else None,
+                        "reload": "success", "line": ln.name})
         return True
 
     # -- the scoring worker ------------------------------------------------------------------
@@ -348,18 +455,13 @@ class Service:
             while not self._worker_stop.is_set():
                 self._worker_beat = time.monotonic()
                 self._drift_chores(writer)
-                try:
-                    batch = [self.queue.get(timeout=0.2)]
-                except queue.Empty:
+                got = self.queue.take(timeout=0.2)
+                if got is None:
                     heap.idle()
                     continue
-                while len(batch) < self.cfg.batch_size:
-                    try:
-                        batch.append(self.queue.get_nowait())
-                    except queue.Empty:
-                        break
+                line, batch = got
                 try:
-                    self._score_batch(writer, batch)
+                    self._score_batch(writer, self.lines[line], batch)
                     self._worker_error = None
                 except Exception as e:  # e.g. disk full: nothing recorded, the rescan retries
                     self._worker_error = f"{type(e).__name__}: {e}"
@@ -376,19 +478,19 @@ class Service:
         finally:
             writer.close()
 
-    def _score_batch(self, led: Ledger, batch: list[Candidate]) -> None:
-        det = self.detector  # one model for the whole batch, even if a reload lands meanwhile
-        m = self.metrics
-        assert m is not None
-        if self.drift is not None and self.drift.model_id != det.model_id:
-            self._reset_drift(led, "model", det)
+    def _score_batch(self, led: Ledger, ln: _Line, batch: list[Candidate]) -> None:
+        det = ln.detector  # one model for the whole batch, even if a reload lands meanwhile
+        m = ln.metrics
+        assert m is not None and det is not None
+        if ln.drift is None or ln.drift.model_id != det.model_id:
+            self._reset_drift(led, ln, "model", det)
         t0 = time.perf_counter()
         verdicts: list[Verdict] = []
         sightings: list[Sighting] = []
         scorable: list[_Scorable] = []
         in_batch: dict[tuple[str, str], Verdict] = {}
         for cand in batch:
-            got = self._read(led, cand)
+            got = self._read(led, ln.name, cand)
             if got is None:
                 continue
             if isinstance(got, Verdict):
@@ -407,13 +509,13 @@ class Service:
                     continue  # written again with the bytes it had: nothing new, nothing to count
                 sightings.append(Sighting(cand.path, st.st_size, st.st_mtime_ns, existing, of=earlier))
                 continue
-            item = self._decode(det, cand, st, sha, data)
+            item = self._decode(det, ln.name, cand, st, sha, data)
             if item is None:
                 continue
             if isinstance(item, Verdict):
                 v = item
             else:
-                v = Verdict(path=cand.path, verdict="normal", arrived_at=cand.arrived_at, scored_at=0.0,
+                v = Verdict(path=cand.path, line=ln.name, verdict="normal", arrived_at=cand.arrived_at, scored_at=0.0,
                             size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha,
                             model_id=det.model_id, threshold=det.threshold_)
                 scorable.append(item)
@@ -437,21 +539,22 @@ class Service:
         elapsed = time.perf_counter() - t0
         if not verdicts and not sightings:
             return
-        drift, step, drift_record = self._drift_step(det, verdicts)
+        drift, step, drift_record = self._drift_step(ln, det, verdicts)
         led.record(verdicts, sightings, drift_record)  # THE checkpoint: after scoring, one transaction
         if drift is not None and step is not None:
-            self._drift_taken(drift, step, drift_record)
+            self._drift_taken(ln, drift, step, drift_record)
 
         per_image = elapsed / max(1, len(scorable))
         cand_of = {(s.cand.path, s.sha256): s.cand for s in scorable}
         alerts = 0
         for v in verdicts:
             if v.verdict == "error":
-                m.image_errors.labels(reason=v.reason).inc()
+                m.image_errors[v.reason].inc()  # type: ignore[index]
                 log.warning("not scored: %s [%s]", v.message, v.reason,
-                            extra={"path": v.path, "reason": v.reason, "image_id": v.image_id})
+                            extra={"path": v.path, "reason": v.reason, "image_id": v.image_id,
+                                   "line": ln.name})
                 continue
-            m.images_scored.labels(verdict=v.verdict).inc()
+            m.images_scored[v.verdict].inc()
             m.anomaly_score.observe(v.score if v.score is not None else float("inf"))
             if v.p_value is not None:
                 m.p_value.observe(v.p_value)
@@ -464,83 +567,89 @@ class Service:
                 m.alerts.inc()
             log.info("%s %s score=%.5g", v.verdict, v.path, v.score or 0.0, extra={
                 "path": v.path, "score": v.score, "p_value": v.p_value, "verdict": v.verdict,
-                "model_id": v.model_id, "image_id": v.image_id, "alert_id": v.alert_id})
+                "model_id": v.model_id, "image_id": v.image_id, "alert_id": v.alert_id, "line": ln.name})
         for dup in sightings:
             m.duplicates.inc()
             log.info("duplicate (same path, same bytes as image %s): %s", dup.image_id, dup.path,
-                     extra={"path": dup.path, "duplicate_of": dup.image_id})
+                     extra={"path": dup.path, "duplicate_of": dup.image_id, "line": ln.name})
         if alerts:
             for e in self.exporters:
                 e.notify()
 
-    # -- the drift test (scoring worker; start() before the worker runs) ----------------------
+    # -- the drift tests (scoring worker; start() before the worker runs) ---------------------
 
-    def _new_drift(self, det: Any) -> DriftTest:
-        return DriftTest.for_detector(det, alpha=self.cfg.drift_alpha, line=DRIFT_LINE)
+    def _new_drift(self, ln: _Line, det: Any) -> DriftTest:
+        return DriftTest.for_detector(det, alpha=ln.cfg.drift_alpha or self.cfg.drift_alpha, line=ln.name)
 
-    def _resume_drift(self, led: Ledger, det: Any) -> DriftTest:
-        """The drift test as the ledger left it for this model, or a fresh one (recorded)."""
-        test = self._new_drift(det)
+    def _resume_drift(self, led: Ledger, ln: _Line) -> DriftTest:
+        """A line's drift test as the ledger left it for this model, or a fresh one (recorded)."""
+        assert ln.metrics is not None
+        test = self._new_drift(ln, ln.detector)
         stored = led.drift(test.line)
         if stored is not None:
             refused = test.restore(*stored)
             if refused is None:
-                log.info("drift test resumed: martingale 10^%.3g after %d image(s) judged normal since "
-                         "its reset (%s)", test.log10, test.images, test.reset_reason,
-                         extra={"drift_log10": test.log10, "drift_images": test.images})
-                self._show_drift(test)
+                log.info("%sdrift test resumed: martingale 10^%.3g after %d image(s) judged normal "
+                         "since its reset (%s)", self._who(ln), test.log10, test.images, test.reset_reason,
+                         extra={"drift_log10": test.log10, "drift_images": test.images, "line": ln.name})
+                self._show_drift(ln, test)
                 return test
             why, message = refused
             if why == "model":
-                assert self.metrics is not None
-                self.metrics.drift_resets.labels(reason="model").inc()
+                ln.metrics.drift_resets["model"].inc()
                 test.reset("model")
-            log.info("drift test starts again from the calibration images: %s", message,
-                     extra={"drift_reset": why})
+            log.info("%sdrift test starts again from the calibration images: %s", self._who(ln), message,
+                     extra={"drift_reset": why, "line": ln.name})
         led.write_drift(DriftRecord(test.line, test.state_json(), reset=True))
-        self._show_drift(test)
+        self._show_drift(ln, test)
         return test
 
-    def _reset_drift(self, led: Ledger, reason: str, det: Any = None) -> None:
-        """Start the evidence again: for another model (`det`), or the operator's reset."""
-        old = self.drift
-        assert old is not None and self.metrics is not None
+    def _reset_drift(self, led: Ledger, ln: _Line, reason: str, det: Any = None) -> None:
+        """Start a line's evidence again: for another model (`det`), or the operator's reset."""
+        old = ln.drift
+        assert ln.metrics is not None
         if det is not None:
-            new = self._new_drift(det)
+            new = self._new_drift(ln, det)
         else:
+            assert old is not None
             new = copy.copy(old)  # reset() replaces the arrays it holds, so the two share nothing
         new.reset(reason)
         led.write_drift(DriftRecord(new.line, new.state_json(), reset=True))
-        self.drift = new
-        self.metrics.drift_resets.labels(reason=reason).inc()
-        self._show_drift(new)
+        ln.drift = new
+        ln.metrics.drift_resets[reason].inc()
+        self._show_drift(ln, new)
+        if old is None:  # the line's first model since start: nothing to reset, only to begin
+            return
         why = ("by the operator (SIGUSR1)" if reason == "operator"
                else f"for model {new.model_id} (was {old.model_id})")
-        log.info("drift test reset %s: martingale was 10^%.3g after %d image(s) judged normal; the "
-                 "evidence starts again from the calibration images", why, old.log10, old.images,
-                 extra={"drift_reset": reason, "drift_log10": old.log10, "drift_images": old.images,
-                        "model_id": new.model_id})
+        log.info("%sdrift test reset %s: martingale was 10^%.3g after %d image(s) judged normal; the "
+                 "evidence starts again from the calibration images", self._who(ln), why, old.log10,
+                 old.images, extra={"drift_reset": reason, "drift_log10": old.log10,
+                                    "drift_images": old.images, "model_id": new.model_id, "line": ln.name})
 
     def _drift_chores(self, led: Ledger) -> None:
         """Between batches: the operator's reset, and a reset for a model that just began serving
         (so the gauge shows it at once, not at the next image)."""
-        if self.drift is None:
-            return
         try:
-            if self._drift_reset.is_set():
-                self._reset_drift(led, "operator")
+            operator = self._drift_reset.is_set()
+            for ln in self.lines.values():
+                det = ln.detector
+                if det is None:
+                    continue
+                if ln.drift is None or ln.drift.model_id != det.model_id:
+                    self._reset_drift(led, ln, "model", det)
+                elif operator:
+                    self._reset_drift(led, ln, "operator")
+            if operator:
                 self._drift_reset.clear()
-            det = self.detector
-            if det is not None and self.drift.model_id != det.model_id:
-                self._reset_drift(led, "model", det)
         except Exception:  # e.g. a full disk: the test keeps its evidence until the write succeeds
             log.exception("could not reset the drift test; trying again in a second")
             self._worker_stop.wait(1.0)
 
-    def _drift_step(self, det: Any, verdicts: list[Verdict]
+    def _drift_step(self, ln: _Line, det: Any, verdicts: list[Verdict]
                     ) -> tuple[DriftTest | None, Step | None, DriftRecord | None]:
-        """The drift test's bet on this batch's scores, and what the ledger is to record of it."""
-        drift = self.drift
+        """The line's drift test's bet on this batch's scores, and what the ledger is to record."""
+        drift = ln.drift
         scored = [v for v in verdicts if v.verdict != "error" and v.score is not None]
         if drift is None or not scored:
             return None, None, None
@@ -555,29 +664,36 @@ class Service:
                              alarm=alarm)
         return drift, step, record
 
-    def _drift_taken(self, drift: DriftTest, step: Step, record: DriftRecord | None) -> None:
+    def _drift_taken(self, ln: _Line, drift: DriftTest, step: Step, record: DriftRecord | None) -> None:
         """After the ledger recorded the batch: move the test, the gauges, and say any alarm."""
         drift.apply(step)
-        self._show_drift(drift)
+        self._show_drift(ln, drift)
         alarm = record.alarm if record is not None else None
         if alarm is not None:
-            assert self.metrics is not None
-            self.metrics.drift_alarms.inc()
+            assert ln.metrics is not None
+            ln.metrics.drift_alarms.inc()
             hint = (_DRIFT_HIGHER if alarm.direction == "higher" else _DRIFT_LOWER)
             log.warning(
-                "DRIFT: the images judged normal no longer look like the calibration images: they score "
-                "%s than before (%s). Evidence 10^%.3g >= 1/alpha = %g after %d image(s) since the drift "
-                "test's reset; a false alarm has probability at most %g. Fix the cause and reset the test "
-                "(SIGUSR1), or recalibrate (anomon calibrate) if the change is wanted",
+                "DRIFT%s: the images judged normal no longer look like the calibration images: they "
+                "score %s than before (%s). Evidence 10^%.3g >= 1/alpha = %g after %d image(s) since the "
+                "drift test's reset; a false alarm has probability at most %g. Fix the cause and reset "
+                "the test (SIGUSR1), or recalibrate (anomon calibrate) if the change is wanted",
+                "" if len(self.lines) == 1 else f" on line {ln.name}",
                 alarm.direction, hint, alarm.log10_martingale, 1.0 / alarm.alpha, alarm.images, alarm.alpha,
                 extra={"drift_alarm_id": alarm.alarm_id, "drift_log10": alarm.log10_martingale,
                        "drift_images": alarm.images, "drift_direction": alarm.direction,
-                       "image_id": alarm.at.image_id if alarm.at else None, "model_id": alarm.model_id})
+                       "image_id": alarm.at.image_id if alarm.at else None, "model_id": alarm.model_id,
+                       "line": ln.name})
 
-    def _show_drift(self, drift: DriftTest) -> None:
-        if self.metrics is not None:
-            self.metrics.drift_log10.set(drift.log10)
-            self.metrics.drift_images.set(drift.images)
+    @staticmethod
+    def _show_drift(ln: _Line, drift: DriftTest) -> None:
+        if ln.metrics is not None:
+            ln.metrics.drift_log10.set(drift.log10)
+            ln.metrics.drift_images.set(drift.images)
+
+    def _who(self, ln: _Line) -> str:
+        """A log line's prefix naming the line, when there is more than one."""
+        return "" if len(self.lines) == 1 else f"line {ln.name}: "
 
     def _root_of(self, path: str) -> str | None:
         """The watched folder (symlinks resolved) that `path` lies in; None if none does."""
@@ -586,7 +702,7 @@ class Service:
                 return root
         return None
 
-    def _read(self, led: Ledger, cand: Candidate) -> tuple[os.stat_result, bytes, bool] | Verdict | None:
+    def _read(self, led: Ledger, line: str, cand: Candidate) -> tuple[os.stat_result, bytes, bool] | Verdict | None:
         """The file's stat and bytes, and whether the ledger has seen this (size, mtime); an error
         row; or None if the ledger already covers this exact file state (queued twice, or found
         again by a rescan). A file that was just written (close-after-write, or renamed in) is
@@ -608,7 +724,7 @@ class Service:
                 if e.errno in _RETRIED:
                     if led.last_error(cand.path) == e.reason:
                         return None  # recorded already; the next rescan tries again
-                    return _error(cand, e.reason, str(e), None)  # no stat: its state is not "seen"
+                    return _error(line, cand, e.reason, str(e), None)  # no stat: its state is not "seen"
                 reason, message = e.reason, str(e)
             else:
                 seen = led.is_seen(cand.path, st.st_size, st.st_mtime_ns)
@@ -621,9 +737,9 @@ class Service:
             lst = None
         if lst is not None and led.is_seen(cand.path, lst.st_size, lst.st_mtime_ns):
             return None
-        return _error(cand, reason, message, lst)
+        return _error(line, cand, reason, message, lst)
 
-    def _decode(self, det: Any, cand: Candidate, st: os.stat_result, sha: str,
+    def _decode(self, det: Any, line: str, cand: Candidate, st: os.stat_result, sha: str,
                 data: bytes) -> _Scorable | Verdict | None:
         """The model's input; an error row; or None when the file looks unfinished (handed back
         to intake, which judges it as it is only if it stays unchanged for the grace period)."""
@@ -634,7 +750,7 @@ class Service:
                 self.intake.defer(cand, st.st_size, st.st_mtime_ns)  # type: ignore[union-attr]
                 log.debug("looks unfinished, waiting for the writer: %s", cand.path)
                 return None
-            return _error(cand, e.reason, str(e), st, sha)
+            return _error(line, cand, e.reason, str(e), st, sha)
         return _Scorable(cand, sha, data, prepared)
 
 

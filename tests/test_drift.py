@@ -182,7 +182,7 @@ def test_the_ledger_keeps_the_drift_state_with_the_batch(tmp_path: Path) -> None
     assert led.drift("") is None
     v = Verdict(path="/x/a.png", verdict="normal", arrived_at=1.0, scored_at=2.0, size=1, mtime_ns=1,
                 sha256="ab", score=0.1, p_value=0.5, threshold=1.0)
-    alarm = DriftAlarm(line="", raised_at=2.0, model_id="m", log10_martingale=2.1, alpha=0.01,
+    alarm = DriftAlarm(line="default", raised_at=2.0, model_id="m", log10_martingale=2.1, alpha=0.01,
                        images=30, reset_at=1.0, at=v)
     led.record([v], drift=DriftRecord("", '{"x": 1}', added=[(5, 1), (7, 2)], alarm=alarm))
     led.record([], drift=DriftRecord("", '{"x": 2}', added=[(5, 3)]))
@@ -262,7 +262,7 @@ def test_images_drifting_brighter_raise_a_drift_alarm_kept_across_a_kill_9_and_r
     bright_rows = [r for r in rows if "/bright_" in r["path"]]
     assert all(r["verdict"] == "normal" for r in rows)  # not a threshold story
     (alarm,) = d.table("drift_alarms")
-    assert alarm["log10_martingale"] >= 2.0 and alarm["alpha"] == 0.01 and alarm["line"] == ""
+    assert alarm["log10_martingale"] >= 2.0 and alarm["alpha"] == 0.01 and alarm["line"] == "default"
     assert alarm["direction"] == "higher"
     at = next(r for r in rows if r["id"] == alarm["image_id"])
     assert "/bright_" in at["path"]

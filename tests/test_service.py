@@ -134,7 +134,7 @@ def test_metrics_exposition_follows_the_conventions(shared: Daemon) -> None:
         assert name in m, name
     (model_id,) = {r["model_id"] for r in rows(shared) if r["model_id"]} or {"?"}
     assert [k for k in m if k.startswith("anomon_model_info")] == [
-        f'anomon_model_info{{channels="1",image_size="32",model_id="{model_id}"}}']
+        f'anomon_model_info{{channels="1",image_size="32",line="default",model_id="{model_id}"}}']
     assert any(k.startswith("anomon_build_info{version=") for k in m)
     assert not any(k == "up" or k.startswith("up{") for k in m)
     assert "/" not in "".join(line.split("}")[0] for line in text.splitlines()
