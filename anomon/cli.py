@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("review", help="the operators' judgements of alerts (the /review page)",
                        description="Work with the judgements operators gave on the daemon's /review page.")
-    rsub = r.add_subparsers(dest="review_command", required=True, metavar="ACTION", parser_class=_Parser)
+    rsub = r.add_subparsers(dest="review_command", required=True, metavar="ACTION", parser_class=_Parser,
+                            help="export: write the judgements (CSV or JSON lines)")
     x = rsub.add_parser("export", help="write the judgements as CSV or JSON lines",
                         description="One record per judged alert or drift alarm, newest first: what was judged "
                         "(time, line, path, score, threshold, p-value, model id, kept copy) and the judgement "

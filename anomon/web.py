@@ -1,4 +1,4 @@
-"""The daemon's HTTP endpoints: /metrics, /healthz, /readyz, /alerts.
+"""The daemon's HTTP endpoints: /metrics, /healthz, /readyz, /alerts, and the review page /review.
 
 (Named web.py, not http.py, so it never shadows the standard library's `http` package.)
 
@@ -6,6 +6,8 @@
 never by hand. /alerts reads the ledger through its own read-only SQLite connection per request, so
 HTTP clients never contend with the scoring worker's writer connection (WAL lets both run); its
 query is checked (`since`, `limit`: whole numbers in range) and a bad one gets a one-line 400.
+/review and its images and judgements are anomon.review's; this module only carries them (the one
+POST, /review/judge, with a body of at most anomon.review.MAX_BODY_BYTES).
 
 No client can starve the daemon. Every connection costs a thread and a file descriptor, which the
 scoring worker needs too (for the images it reads), so:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import socket
 import threading
 import time
@@ -36,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from anomon.ledger import LedgerError, alerts_after, open_readonly
+from anomon.review import MAX_BODY_BYTES, Response, ReviewPage
 
 log = logging.getLogger("anomon.web")
 
@@ -125,15 +129,16 @@ class WebServer:
         port: int,
         *,
         registry: CollectorRegistry,
-        ready: Callable[[], dict[str, bool]],
+        ready: Callable[[], dict[str, Any]],
         healthy: Callable[[], bool],
         ledger_file: Path,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        review: ReviewPage | None = None,
     ) -> None:
         handler = type("Handler", (_Handler,), {
             "registry": registry, "ready_checks": staticmethod(ready),
-            "healthy": staticmethod(healthy), "ledger_file": ledger_file,
+            "healthy": staticmethod(healthy), "ledger_file": ledger_file, "review": review,
             "timeout": idle_timeout_s,  # socketserver sets it on each connection's socket
         })
         cls = _Server6 if ":" in host else _Server
@@ -157,6 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
     ready_checks: Callable[[], dict[str, bool]]
     healthy: Callable[[], bool]
     ledger_file: Path
+    review: ReviewPage | None
     server: _Server
     server_version = "anomon"
 
@@ -167,6 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
+        if self.review is not None and (url.path == "/review" or url.path.startswith("/review/")):
+            self._guarded(url.path, lambda: self.review.get(url.path, parse_qs(url.query, keep_blank_values=True)))
+            return
         route = {
             "/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz,
             "/alerts": self._alerts, "/": self._index,
@@ -179,6 +188,53 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # a bug must not kill the server thread; log it, answer 500
             log.exception("error serving %s", url.path)
             self._send(500, {"error": "internal error"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        if self.review is None or not url.path.startswith("/review/"):
+            self._send(404 if self.review is None else 405, {"error": f"no POST endpoint: {url.path}"})
+            return
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
+            self._send(411, {"error": "send the body with a Content-Length"})
+            return
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            self._send(413, {"error": f"the body may be at most {MAX_BODY_BYTES} bytes"})
+            return
+        body = self.rfile.read(int(length))
+        self._guarded(url.path, lambda: self.review.post(url.path, self.headers, body,
+                                                          remote=self.client_address[0]))
+
+    def _guarded(self, path: str, answer: Callable[[], Response]) -> None:
+        try:
+            resp = answer()
+        except Exception:  # as do_GET: log the bug, answer 500, keep serving
+            log.exception("error serving %s", path)
+            self._send(500, {"error": "internal error"})
+            return
+        self._send_response(resp)
+
+    def _send_response(self, resp: Response) -> None:
+        try:
+            self.send_response(resp.status)
+            self.send_header("Content-Type", resp.content_type)
+            self.send_header("Content-Length", str(resp.length if resp.file is not None else len(resp.body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if "Cache-Control" not in resp.headers:
+                self.send_header("Cache-Control", "no-store")
+            for k, v in resp.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if resp.file is not None:
+                shutil.copyfileobj(resp.file, self.wfile, 1 << 16)
+            else:
+                self.wfile.write(resp.body)
+        finally:
+            if resp.file is not None:
+                resp.file.close()
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
@@ -214,7 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"alerts": alerts, "last_id": last, "more": len(alerts) == limit})
 
     def _index(self, query: dict[str, list[str]]) -> None:
-        self._send(200, {"endpoints": ["/metrics", "/healthz", "/readyz", "/alerts?since=ID"]})
+        endpoints = ["/metrics", "/healthz", "/readyz", "/alerts?since=ID"]
+        self._send(200, {"endpoints": endpoints + (["/review"] if self.review is not None else [])})
 
     def _send(self, status: int, body: Any) -> None:
         self._send_bytes(status, (json.dumps(body) + "\n").encode(), "application/json")
