@@ -6,8 +6,8 @@ exports. This test follows alerts the whole way on a host with two lines: images
 line's folder make the anomaly-rate alert fire for that line, images dropped into the other's
 make the drift alert fire for it; Prometheus hands them to Alertmanager, and Alertmanager's
 webhook notifications reach a receiver in this test, each naming its line and routed by severity
-and line (the `castings` line's critical alert to its own on-call receiver, the `press` line's
-warning to the shift's), and nothing else arrives. Then AnomonLineDown for `castings` holds back
+and line (the `weld-2` line's critical alert to its own on-call receiver, the `press-1` line's
+warning to the shift's), and nothing else arrives. Then AnomonLineDown for `weld-2` holds back
 that line's alert only, and AnomonDown for the daemon both (inhibit_rules).
 
 What is real: `anomon watch` with two [[lines]] (its own process, a TOML file, a free port),
@@ -25,8 +25,8 @@ else:
   and every receiver's webhook pointed at the test's receiver, at /<receiver name>.
 
 Making the alerts fire within seconds: both lines' models are the tiny test bundle, calibrated so
-that its threshold is 10 (see line_models). On `castings` a third of the images are anomalous (a
-saturated square, scoring above 10); `press` is calibrated on scores below those of the normal
+that its threshold is 10 (see line_models). On `weld-2` a third of the images are anomalous (a
+saturated square, scoring above 10); `press-1` is calibrated on scores below those of the normal
 images the test drops, so they all score higher than every calibration image yet far under the
 threshold: judged normal, and the drift test's martingale climbs to its alarm within a few dozen
 images (29 when this was written).
@@ -60,14 +60,14 @@ from test_deploy import AM_CONFIG, RULES, dashboard_targets, grafana_expand
 from test_prometheus_e2e import Prometheus, scrape_config
 
 JOB = "anomon"
-# The two lines of the test's daemon. `castings` is the line the shipped alertmanager.yml routes
-# to its own receivers (its example route); `press` goes by severity alone.
-CASTINGS, PRESS = "castings", "press"
+# The two lines of the test's daemon. `weld-2` is the line the shipped alertmanager.yml routes
+# to its own receivers (its example route); `press-1` goes by severity alone.
+WELD, PRESS = "weld-2", "press-1"
 RATE_ALERT = "AnomonAnomalyRateHigh"
 DRIFT_ALERT = "AnomonDrift"
 RATE_ALERT_FOR = "2s"
-N_CASTINGS_NORMAL = 20
-N_ANOMALOUS = 10  # a third of CASTINGS's verdicts, over the 20 % the rule alerts at
+N_WELD_NORMAL = 20
+N_ANOMALOUS = 10  # a third of WELD's verdicts, over the 20 % the rule alerts at
 N_PRESS_NORMAL = 60
 
 
@@ -237,7 +237,7 @@ def line_models(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory)
     """The tiny bundle calibrated twice, with one score of 10 that puts the threshold above every
     normal image and under every anomalous one (checked here):
 
-    - for CASTINGS on the scores of the clearly normal images themselves: the test's normal
+    - for WELD on the scores of the clearly normal images themselves: the test's normal
       images are exchangeable with the calibration images, no drift;
     - for PRESS on those scores shifted down below the lowest of them: the same images now all
       score higher than every calibration image, a drift ("higher", a dimming lamp, say) the
@@ -254,7 +254,7 @@ def line_models(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("am-models")
     models = {}
     shifted = normal - (normal.max() - normal.min()) - 0.1  # (scores can be negative: z-scored views)
-    for line, calibration in ((CASTINGS, normal), (PRESS, shifted)):
+    for line, calibration in ((WELD, normal), (PRESS, shifted)):
         det.calibrate(np.r_[calibration, 10.0])
         assert det.threshold_ == 10.0
         models[line] = out / f"{line}.anomon"
@@ -334,24 +334,24 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
                       .get(target, 0) >= 2, "two scrapes of the daemon")
         assert not receiver.got, receiver.got  # a healthy, idle daemon: nothing to tell anyone
 
-        # CASTINGS: a third of its parts bad. PRESS: only normal parts, but every one scores higher
+        # WELD: a third of its parts bad. PRESS: only normal parts, but every one scores higher
         # than its calibration images.
-        for i in range(N_CASTINGS_NORMAL):
-            tiny_model.normal_png(d.watch[CASTINGS] / f"n{i:03d}.png", i)
+        for i in range(N_WELD_NORMAL):
+            tiny_model.normal_png(d.watch[WELD] / f"n{i:03d}.png", i)
         for i in range(N_ANOMALOUS):
-            tiny_model.anomalous_png(d.watch[CASTINGS] / f"a{i:03d}.png", i)
+            tiny_model.anomalous_png(d.watch[WELD] / f"a{i:03d}.png", i)
         for i in range(N_PRESS_NORMAL):
             tiny_model.normal_png(d.watch[PRESS] / f"n{i:03d}.png", i)
-        want = {(CASTINGS, "normal"): N_CASTINGS_NORMAL, (CASTINGS, "anomalous"): N_ANOMALOUS,
+        want = {(WELD, "normal"): N_WELD_NORMAL, (WELD, "anomalous"): N_ANOMALOUS,
                 (PRESS, "normal"): N_PRESS_NORMAL, (PRESS, "anomalous"): 0}
         d.wait_for(lambda: {k: d.scored(*k) for k in want} == want, 60, f"the verdicts {want}")
         drift_alarms = {line: d.metric(f'anomon_drift_alarms_total{{line="{line}"}}')
-                        for line in (CASTINGS, PRESS)}
-        assert drift_alarms == {CASTINGS: 0, PRESS: 1}, drift_alarms  # the daemon's own drift alarm
+                        for line in (WELD, PRESS)}
+        assert drift_alarms == {WELD: 0, PRESS: 1}, drift_alarms  # the daemon's own drift alarm
 
         # Each alert reaches the receiver its severity and line route it to, naming the line.
         expected = {  # alertname -> (line, severity, receiver)
-            RATE_ALERT: (CASTINGS, "critical", "/castings-oncall"),
+            RATE_ALERT: (WELD, "critical", "/weld-2-oncall"),
             DRIFT_ALERT: (PRESS, "warning", "/shift"),
         }
         _wait(lambda: all(receiver.firing(name) for name in expected), 45,
@@ -366,32 +366,32 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
                 assert alert["endsAt"].startswith("0001-01-01") and alert["startsAt"] > "2000"
                 assert "/graph?g0.expr=" in alert["generatorURL"], alert["generatorURL"]
         (_, rate), *_ = receiver.firing(RATE_ALERT)
-        assert rate["annotations"]["summary"].endswith(f"of images anomalous on line {CASTINGS} ({target})")
+        assert rate["annotations"]["summary"].endswith(f"of images anomalous on line {WELD} ({target})")
         assert "(alert above 20%)" in rate["annotations"]["description"]
         (_, drift), *_ = receiver.firing(DRIFT_ALERT)
         assert drift["annotations"]["summary"] == (
             f"images of line {PRESS} on {target} drift away from the calibration images")
         assert "-s USR1 anomon" in drift["annotations"]["description"]  # what to do after fixing it
-        # Nothing else was sent: no anomaly-rate alert for PRESS, no drift alert for CASTINGS, and
+        # Nothing else was sent: no anomaly-rate alert for PRESS, no drift alert for WELD, and
         # no other alert on a daemon that is up and scoring.
         assert {(a["labels"]["alertname"], a["labels"].get("line")) for _, a in receiver.alerts()} == {
-            (RATE_ALERT, CASTINGS), (DRIFT_ALERT, PRESS)}
+            (RATE_ALERT, WELD), (DRIFT_ALERT, PRESS)}
 
         # Grafana's view of the same: the line picker offers both lines, and the drift panel with
         # PRESS picked shows its evidence at or above the alarm level.
         picker = prom.api("label/line/values", **{"match[]": f'anomon_line_up{{job="{JOB}"}}'})
-        assert picker == [CASTINGS, PRESS], picker
+        assert picker == [WELD, PRESS], picker
         (drift_expr,) = [t["expr"] for _, t in dashboard_targets()
                          if "anomon_drift_martingale_log10" in t["expr"]]
         shown = prom.values(grafana_expand(drift_expr.replace("$line", PRESS)), "line")
         assert set(shown) == {PRESS} and shown[PRESS] >= 2.0, shown
 
-        # CASTINGS's model failed (as Prometheus would send AnomonLineDown): its alerts are held
+        # WELD's model failed (as Prometheus would send AnomonLineDown): its alerts are held
         # back, PRESS's are not. Then the daemon is down (AnomonDown): both are held back.
         now = time.time()
-        am.post([_alert("AnomonLineDown", target, now, line=CASTINGS)])
+        am.post([_alert("AnomonLineDown", target, now, line=WELD)])
         states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "active"}), 15,
-                       "CASTINGS's alert held back by AnomonLineDown", receiver, prom, am)
+                       "WELD's alert held back by AnomonLineDown", receiver, prom, am)
         assert states[RATE_ALERT]["status"]["inhibitedBy"] == [states["AnomonLineDown"]["fingerprint"]]
         am.post([_alert("AnomonDown", target, now)])
         states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "suppressed"}), 15,

@@ -384,8 +384,8 @@ ROUTES = [
     ({"alertname": "AnomonAnomalyRateHigh", "severity": "critical", "line": "default"}, "oncall"),
     ({"alertname": "AnomonDrift", "severity": "warning", "line": "default"}, "shift"),
     ({"alertname": "AnomonImageErrors", "severity": "warning", "line": "press", "reason": "empty"}, "shift"),
-    ({"alertname": "AnomonAnomalyRateHigh", "severity": "critical", "line": "castings"}, "castings-oncall"),
-    ({"alertname": "AnomonDrift", "severity": "warning", "line": "castings"}, "castings-shift"),
+    ({"alertname": "AnomonAnomalyRateHigh", "severity": "critical", "line": "weld-2"}, "weld-2-oncall"),
+    ({"alertname": "AnomonDrift", "severity": "warning", "line": "weld-2"}, "weld-2-shift"),
 ]
 
 
