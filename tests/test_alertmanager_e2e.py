@@ -380,7 +380,7 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
         # Grafana's view of the same: the line picker offers both lines, and the drift panel with
         # PRESS picked shows its evidence at or above the alarm level.
         picker = prom.api("label/line/values", **{"match[]": f'anomon_line_up{{job="{JOB}"}}'})
-        assert picker == [WELD, PRESS], picker
+        assert picker == sorted([WELD, PRESS]), picker
         (drift_expr,) = [t["expr"] for _, t in dashboard_targets()
                          if "anomon_drift_martingale_log10" in t["expr"]]
         shown = prom.values(grafana_expand(drift_expr.replace("$line", PRESS)), "line")
