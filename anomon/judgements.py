@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -205,7 +206,8 @@ EXPORT_FIELDS: tuple[str, ...] = tuple(Item("alert", 0, "", 0.0).record())
 
 @dataclass(frozen=True)
 class Query:
-    """Which items: None means any. `before` is an item key; the items older than it are listed."""
+    """Which items: None means any. `state` is one of STATES, or "judged" (either judgement).
+    `before` is an item key; the items older than it are listed."""
 
     line: str | None = None
     state: str | None = None
@@ -222,67 +224,91 @@ def parse_key(text: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def _union_sql(conn: sqlite3.Connection) -> str:
-    """Alerts and drift alarms as one relation (kind, rank, id, t, line, ...). Newest first is
-    ORDER BY t DESC, rank DESC, id DESC: a total order, so a page cursor never skips an item."""
-    have = _tables(conn)
-    parts = [
-        "SELECT 'alert' AS kind, 1 AS rank, a.id AS id, a.created_at AS t, "
-        f"i.{line_column(conn)} AS line, i.model_id AS model_id, i.path AS path, i.score AS score, "
-        "i.threshold AS threshold, i.p_value AS p_value, i.sha256 AS sha256, "
-        "a.anomaly_image AS anomaly_image, a.heatmap AS heatmap, NULL AS log10_martingale, "
-        "NULL AS alpha, NULL AS images, NULL AS direction FROM alerts a JOIN images i ON i.id = a.image_id"]
-    if "drift_alarms" in have:
-        parts.append(
-            "SELECT 'drift', 0, d.id, d.raised_at, d.line, d.model_id, NULL, NULL, NULL, NULL, NULL, "
-            "NULL, NULL, d.log10_martingale, d.alpha, d.images, d.direction FROM drift_alarms d")
-    sql = "SELECT x.*, " + (
-        "j.judgement AS judgement, j.who AS who, j.judged_at AS judged_at FROM ("
-        if "judgements" in have else "NULL AS judgement, NULL AS who, NULL AS judged_at FROM (")
-    sql += " UNION ALL ".join(parts) + ") x"
-    if "judgements" in have:
-        sql += " LEFT JOIN judgements j ON j.kind = x.kind AND j.item_id = x.id"
-    return sql
-
-
 def items(conn: sqlite3.Connection, q: Query = Query()) -> list[Item]:
-    """The items `q` selects, newest first."""
+    """The items `q` selects, newest first.
+
+    Alerts and drift alarms are read apart, each newest first by id (the order the ledger raised
+    them, which needs no sort: a page of the newest 50 of 100,000 alerts reads about 50 rows),
+    then interleaved by time. A cursor item splits both: the alerts below it by id, the drift
+    alarms by time (and the reverse for a drift alarm), so paging shows every item once."""
+    have = _tables(conn)
+    cursor: tuple[str, int, float] | None = None
+    if q.before is not None:
+        key = parse_key(q.before)
+        at = _time_of(conn, *key) if key else None
+        if key is None or at is None:
+            return []
+        cursor = (key[0], key[1], at)
+    judged = "judgements" in have
+    found: list[Item] = []
+    if q.kind in (None, "alert"):
+        found += _branch(conn, "alert", q, cursor, judged)
+    if q.kind in (None, "drift") and "drift_alarms" in have:
+        found += _branch(conn, "drift", q, cursor, judged)
+    found.sort(key=lambda it: (it.time, it.kind == "alert", it.id), reverse=True)
+    return found[:q.limit] if q.limit is not None else found
+
+
+def _branch(conn: sqlite3.Connection, kind: str, q: Query, cursor: tuple[str, int, float] | None,
+            judged: bool) -> list[Item]:
+    if kind == "alert":
+        sql = ("SELECT 'alert' AS kind, a.id AS id, a.created_at AS t, "
+               f"i.{line_column(conn)} AS line, i.model_id AS model_id, i.path AS path, i.score AS score, "
+               "i.threshold AS threshold, i.p_value AS p_value, i.sha256 AS sha256, "
+               "a.anomaly_image AS anomaly_image, a.heatmap AS heatmap, NULL AS log10_martingale, "
+               "NULL AS alpha, NULL AS images, NULL AS direction")
+        source, alias, time_col, line_col = " FROM alerts a JOIN images i ON i.id = a.image_id", "a", "a.created_at", \
+            f"i.{line_column(conn)}"
+    else:
+        sql = ("SELECT 'drift' AS kind, d.id AS id, d.raised_at AS t, d.line AS line, d.model_id AS model_id, "
+               "NULL AS path, NULL AS score, NULL AS threshold, NULL AS p_value, NULL AS sha256, "
+               "NULL AS anomaly_image, NULL AS heatmap, d.log10_martingale AS log10_martingale, "
+               "d.alpha AS alpha, d.images AS images, d.direction AS direction")
+        source, alias, time_col, line_col = " FROM drift_alarms d", "d", "d.raised_at", "d.line"
+    if judged:
+        sql += ", j.judgement AS judgement, j.who AS who, j.judged_at AS judged_at" + source
+        sql += f" LEFT JOIN judgements j ON j.kind = '{kind}' AND j.item_id = {alias}.id"
+    else:
+        sql += ", NULL AS judgement, NULL AS who, NULL AS judged_at" + source
     where: list[str] = []
     args: list[Any] = []
     if q.line is not None:
-        where.append("x.line = ?")
+        where.append(f"{line_col} = ?")
         args.append(q.line)
-    if q.kind is not None:
-        where.append("x.kind = ?")
-        args.append(q.kind)
-    if q.state == "unreviewed":
-        where.append("judgement IS NULL")
+    if q.state is not None and not judged:  # nobody has judged yet: everything is unreviewed
+        where.append("1" if q.state == "unreviewed" else "0")
+    elif q.state == "unreviewed":
+        where.append("j.judgement IS NULL")
+    elif q.state == "judged":
+        where.append("j.judgement IS NOT NULL")
     elif q.state is not None:
-        where.append("judgement = ?")
+        where.append("j.judgement = ?")
         args.append(q.state)
-    if q.before is not None:
-        key = parse_key(q.before)
-        cursor = _cursor(conn, *key) if key else None
-        if cursor is None:
-            return []
-        where.append("(x.t, x.rank, x.id) < (?, ?, ?)")
-        args.extend(cursor)
-    sql = _union_sql(conn) + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY x.t DESC, x.rank DESC, x.id DESC"
+    if cursor is not None:
+        c_kind, c_id, c_time = cursor
+        if c_kind == kind:
+            where.append(f"{alias}.id < ?")
+            args.append(c_id)
+        else:  # the other kind: by time; at an equal time an alert comes before a drift alarm
+            where.append(f"{time_col} {'<=' if kind == 'drift' else '<'} ?")
+            args.append(c_time)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {alias}.id DESC"
     if q.limit is not None:
         sql += " LIMIT ?"
         args.append(q.limit)
     return [_item(r) for r in conn.execute(sql, args)]
 
 
-def _cursor(conn: sqlite3.Connection, kind: str, item_id: int) -> tuple[float, int, int] | None:
+def _time_of(conn: sqlite3.Connection, kind: str, item_id: int) -> float | None:
     if kind == "alert":
         row = conn.execute("SELECT created_at FROM alerts WHERE id = ?", (item_id,)).fetchone()
     elif "drift_alarms" in _tables(conn):
         row = conn.execute("SELECT raised_at FROM drift_alarms WHERE id = ?", (item_id,)).fetchone()
     else:
         row = None
-    return (float(row[0]), 1 if kind == "alert" else 0, item_id) if row else None
+    return float(row[0]) if row else None
 
 
 def _item(r: sqlite3.Row) -> Item:
@@ -300,27 +326,20 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else None
 
 
-def lines(conn: sqlite3.Connection) -> list[str]:
-    """The lines that have alerts or drift alarms (the page's line filter). Reads the alerts, not
-    every image, so it stays quick on a ledger of millions of verdicts."""
-    found = {str(r[0]) for r in conn.execute(
-        f"SELECT DISTINCT i.{line_column(conn)} FROM alerts a JOIN images i ON i.id = a.image_id")}
-    if "drift_alarms" in _tables(conn):
-        found |= {str(r[0]) for r in conn.execute("SELECT DISTINCT line FROM drift_alarms")}
-    return sorted(found)
-
-
-def counts(conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
-    """{(kind, line, state): n} over the whole ledger, every state of every line present (0s
-    included), for the metrics and the page's header."""
+def counts(conn: sqlite3.Connection, *, kinds: tuple[str, ...] = KINDS,
+           alerts_after: int = 0) -> dict[tuple[str, str, str], int]:
+    """{(kind, line, state): n}, every state of every line present (0s included), for the metrics
+    and the page's header; `alerts_after` counts only the alerts above that id (see Tally)."""
     have = _tables(conn)
     out: dict[tuple[str, str, str], int] = {}
-    join = " LEFT JOIN judgements j ON j.kind = {kind!r} AND j.item_id = {alias}.id" if "judgements" in have else ""
+    join = " LEFT JOIN judgements j ON j.kind = '{kind}' AND j.item_id = {alias}.id" if "judgements" in have else ""
     state = "COALESCE(j.judgement, 'unreviewed')" if "judgements" in have else "'unreviewed'"
-    queries = [("alert", f"SELECT i.{line_column(conn)}, {state}, COUNT(*) FROM alerts a "
-                         "JOIN images i ON i.id = a.image_id" + join.format(kind="alert", alias="a")
-                + " GROUP BY 1, 2")]
-    if "drift_alarms" in have:
+    queries = []
+    if "alert" in kinds:
+        queries.append(("alert", f"SELECT i.{line_column(conn)}, {state}, COUNT(*) FROM alerts a "
+                                 "JOIN images i ON i.id = a.image_id" + join.format(kind="alert", alias="a")
+                        + f" WHERE a.id > {int(alerts_after)} GROUP BY 1, 2"))
+    if "drift" in kinds and "drift_alarms" in have:
         queries.append(("drift", f"SELECT d.line, {state}, COUNT(*) FROM drift_alarms d"
                         + join.format(kind="drift", alias="d") + " GROUP BY 1, 2"))
     for kind, sql in queries:
@@ -329,6 +348,36 @@ def counts(conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
                 out.setdefault((kind, str(line), s), 0)
             out[(kind, str(line), str(st))] = int(n)
     return out
+
+
+class Tally:
+    """`counts` kept up to date cheaply, for a page and a /metrics scrape that both ask often.
+
+    Counting every alert by line joins each one to its image: 0.2 s for 100,000 alerts. Alerts
+    only ever arrive (with higher ids), so between judgements only the new ones are counted and
+    added; a change in the audit trail (any judgement, by anyone) counts everything again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._alerts: dict[tuple[str, str, str], int] = {}
+        self._upto = -1  # the highest alert id counted; -1: nothing counted yet
+        self._audit = -1
+
+    def counts(self, conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
+        have = _tables(conn)
+        audit_id = (conn.execute("SELECT COALESCE(MAX(id), 0) FROM judgement_audit").fetchone()[0]
+                    if "judgement_audit" in have else 0)
+        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0]
+        with self._lock:
+            if audit_id != self._audit or top < self._upto:  # judged, or another ledger
+                self._alerts, self._upto, self._audit = counts(conn, kinds=("alert",)), top, audit_id
+            elif top > self._upto:
+                for key, n in counts(conn, kinds=("alert",), alerts_after=self._upto).items():
+                    self._alerts[key] = self._alerts.get(key, 0) + n
+                self._upto = top
+            out = dict(self._alerts)
+        out.update(counts(conn, kinds=("drift",)))  # a handful of rows
+        return out
 
 
 def audit(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
@@ -363,7 +412,7 @@ def labelled_images(state_dir: Path, *, line: str | None = None) -> Labelled:
     arrived), or the original file while it still holds the bytes that were judged."""
     conn = _open(state_dir)
     try:
-        judged = [it for it in items(conn, Query(line=line, kind="alert", limit=None)) if it.state != "unreviewed"]
+        judged = items(conn, Query(line=line, state="judged", kind="alert", limit=None))
     finally:
         conn.close()
     out = Labelled()
@@ -400,7 +449,7 @@ def judged_lines(state_dir: Path) -> list[str]:
     """The lines with judged alerts in a state folder's ledger."""
     conn = _open(state_dir)
     try:
-        return sorted({it.line for it in items(conn, Query(kind="alert", limit=None)) if it.state != "unreviewed"})
+        return sorted({it.line for it in items(conn, Query(state="judged", kind="alert", limit=None))})
     finally:
         conn.close()
 

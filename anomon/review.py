@@ -91,6 +91,7 @@ class ReviewPage:
         self.csrf = (hmac.new(self._token, b"anomon review csrf", hashlib.sha256).hexdigest()
                      if self._token else "")
         self._metrics = metrics
+        self._tally = J.Tally()
         if metrics is not None:
             metrics.count_judgements(self.counts)
 
@@ -105,7 +106,7 @@ class ReviewPage:
         except LedgerError:
             return {}
         try:
-            return J.counts(conn)
+            return self._tally.counts(conn)
         finally:
             conn.close()
 
@@ -130,10 +131,10 @@ class ReviewPage:
             return _json(503, {"error": str(e)})
         try:
             found = J.items(conn, J.Query(q.line, q.state, q.kind, q.before, PAGE_SIZE + 1))
-            lines = J.lines(conn)
-            counts = J.counts(conn)
+            counts = self._tally.counts(conn)
         finally:
             conn.close()
+        lines = sorted({line for _, line, _ in counts})
         more = len(found) > PAGE_SIZE
         nonce = secrets.token_urlsafe(16)
         body = render_page(found[:PAGE_SIZE], q, lines=lines, counts=counts, more=more,

@@ -66,7 +66,7 @@ def test_a_ledger_nobody_judged_in_reads_as_all_unreviewed_and_gains_no_tables(s
         assert "judgements" not in J._tables(conn)
         assert J.counts(conn)[("alert", "l1", "unreviewed")] == 2
         assert J.counts(conn)[("alert", "l1", "defect")] == 0
-        assert J.lines(conn) == ["l1", "l2"]
+        assert {line for _, line, _ in J.counts(conn)} == {"l1", "l2"}
     finally:
         conn.close()
 
@@ -128,6 +128,33 @@ def test_the_daemon_reopens_a_judged_ledger_and_keeps_recording(state: Path) -> 
         led.close()
     assert [(it.key, it.state) for it in read(state)][:1] == [("alert-4", "unreviewed")]
     assert {it.key: it.state for it in read(state)}["alert-2"] == "false_alarm"
+
+
+def test_the_tally_counts_new_alerts_and_any_judgement_like_a_full_count(state: Path) -> None:
+    tally = J.Tally()
+    led = state / "ledger.sqlite3"
+
+    def same() -> dict[tuple[str, str, str], int]:
+        conn = open_readonly(led)
+        try:
+            got = tally.counts(conn)
+            assert got == J.counts(conn)
+            return got
+        finally:
+            conn.close()
+
+    assert same()[("alert", "l1", "unreviewed")] == 2
+    writer = Ledger.open(led)
+    writer.record([Verdict(path="/cam/l3/n.png", line="l3", verdict="anomalous", arrived_at=50.0, scored_at=50.0,
+                           size=1, mtime_ns=1, sha256="e" * 64, score=3.0, threshold=1.0)])
+    assert same()[("alert", "l3", "unreviewed")] == 1  # only the new alert was counted, and added
+    J.judge(led, "alert", 1, "defect", "ana")  # an old alert judged: everything counted again
+    assert same()[("alert", "l1", "defect")] == 1
+    writer.record([Verdict(path="/cam/l1/m.png", line="l1", verdict="anomalous", arrived_at=60.0, scored_at=60.0,
+                           size=1, mtime_ns=2, sha256="d" * 64, score=3.0, threshold=1.0)])
+    J.judge(led, "alert", 5, "false_alarm", "ana")
+    assert same()[("alert", "l1", "false_alarm")] == 1
+    writer.close()
 
 
 def test_filters_and_pages_cover_every_item_once(tmp_path: Path) -> None:
