@@ -2,30 +2,32 @@
 
 test_deploy.py proves the shipped alertmanager.yml parses and routes label sets where it should
 (`amtool`); test_prometheus_e2e.py that Prometheus evaluates the shipped rules on what the daemon
-exports. This test follows alerts the whole way on a host with two lines: images dropped into one
-line's folder make the anomaly-rate alert fire for that line, images dropped into the other's
-make the drift alert fire for it; Prometheus hands them to Alertmanager, and Alertmanager's
-webhook notifications reach a receiver in this test, each naming its line and routed by severity
-and line (the `weld-2` line's critical alert to its own on-call receiver, the `press-1` line's
-warning to the shift's), and nothing else arrives. Then AnomonLineDown for `weld-2` holds back
-that line's alert only, and AnomonDown for the daemon both (inhibit_rules).
+exports. This test follows alerts the whole way on a host with three lines: images dropped into
+one line's folder make the anomaly-rate alert fire for that line, images dropped into another's
+make the drift alert fire for it, and the third line's model file is broken (AnomonLineDown);
+Prometheus hands them to Alertmanager, and Alertmanager's webhook notifications reach a receiver
+in this test, each naming its line and routed by severity and line (the `weld-2` line's critical
+alert to its own on-call receiver, the `press-1` line's warning to the shift's, `etch-3`'s
+critical one to the on-call's), and nothing else arrives. Then AnomonLineDown for `weld-2` holds
+back that line's alert only, and AnomonDown for the daemon all of them (inhibit_rules).
 
-What is real: `anomon watch` with two [[lines]] (its own process, a TOML file, a free port),
+What is real: `anomon watch` with three [[lines]] (its own process, a TOML file, a free port),
 `prometheus` and Debian's `prometheus-alertmanager`, each its own process on 127.0.0.1, and the
 receiver (an HTTP server in this process). What is generated from the shipped files, and nothing
 else:
 
 - prometheus.yml: scrape and evaluation every 1 s, the test daemon as target, this test's
   Alertmanager under `alerting`;
-- rules.yml: the shipped rules, with one change: AnomonAnomalyRateHigh waits `for: 2s` instead of
-  5 minutes (the test checks that this is the only difference). Expressions, windows, labels and
-  texts are the shipped ones; that `for: 5m` holds back a short burst is promtool's case in
-  rules.test.yml. AnomonDrift fires at once as shipped (`for: 0m`);
+- rules.yml: the shipped rules, with one change: AnomonAnomalyRateHigh and AnomonLineDown wait
+  `for: 2s` instead of 5 minutes and 1 minute (the test checks that this is the only difference).
+  Expressions, windows, labels and texts are the shipped ones; that their `for:` holds back a
+  short burst or a blip is promtool's business in rules.test.yml. AnomonDrift fires at once as
+  shipped (`for: 0m`);
 - alertmanager.yml: the shipped routes and inhibit rules, with group_wait / group_interval of 1 s
   and every receiver's webhook pointed at the test's receiver, at /<receiver name>.
 
-Making the alerts fire within seconds: both lines' models are the tiny test bundle, calibrated so
-that its threshold is 10 (see line_models). On `weld-2` a third of the images are anomalous (a
+Making the alerts fire within seconds: the first two lines' models are the tiny test bundle,
+calibrated so that its threshold is 10 (see line_models). On `weld-2` a third of the images are anomalous (a
 saturated square, scoring above 10); `press-1` is calibrated on scores below those of the normal
 images the test drops, so they all score higher than every calibration image yet far under the
 threshold: judged normal, and the drift test's martingale climbs to its alarm within a few dozen
@@ -60,12 +62,14 @@ from test_deploy import AM_CONFIG, RULES, dashboard_targets, grafana_expand
 from test_prometheus_e2e import Prometheus, scrape_config
 
 JOB = "anomon"
-# The two lines of the test's daemon. `weld-2` is the line the shipped alertmanager.yml routes
-# to its own receivers (its example route); `press-1` goes by severity alone.
-WELD, PRESS = "weld-2", "press-1"
+# The lines of the test's daemon. `weld-2` is the line the shipped alertmanager.yml routes to its
+# own receivers (its example route); the others go by severity alone. ETCH's model is broken.
+WELD, PRESS, ETCH = "weld-2", "press-1", "etch-3"
 RATE_ALERT = "AnomonAnomalyRateHigh"
 DRIFT_ALERT = "AnomonDrift"
-RATE_ALERT_FOR = "2s"
+LINE_DOWN_ALERT = "AnomonLineDown"
+# The only change to the shipped rules: these alerts wait 2 s, not `for:` minutes.
+SHORTER_FOR = {RATE_ALERT: "2s", LINE_DOWN_ALERT: "2s"}
 N_WELD_NORMAL = 20
 N_ANOMALOUS = 10  # a third of WELD's verdicts, over the 20 % the rule alerts at
 N_PRESS_NORMAL = 60
@@ -192,18 +196,19 @@ class Alertmanager:
 
 
 def rules_copy(workdir: Path) -> Path:
-    """rules.yml as shipped, but AnomonAnomalyRateHigh waits RATE_ALERT_FOR, not 5 minutes."""
+    """rules.yml as shipped, but the alerts in SHORTER_FOR wait that long."""
     shipped = yaml.safe_load(RULES.read_text())
     rules = copy.deepcopy(shipped)
-    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == RATE_ALERT]
-    rule["for"] = RATE_ALERT_FOR
+    for r in (r for g in rules["groups"] for r in g["rules"] if r.get("alert") in SHORTER_FOR):
+        r["for"] = SHORTER_FOR[r["alert"]]
     path = workdir / "rules.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
     # The only difference from the shipped file:
     again = yaml.safe_load(path.read_text())
-    (back,) = [r for g in again["groups"] for r in g["rules"] if r.get("alert") == RATE_ALERT]
-    assert back["for"] == RATE_ALERT_FOR
-    back["for"] = "5m"
+    changed = [r for g in again["groups"] for r in g["rules"] if r.get("alert") in SHORTER_FOR]
+    assert {r["alert"]: r["for"] for r in changed} == SHORTER_FOR
+    for r in changed:
+        r["for"] = {RATE_ALERT: "5m", LINE_DOWN_ALERT: "1m"}[r["alert"]]
     assert again == shipped
     return path
 
@@ -235,7 +240,7 @@ def alertmanager_config(receiver_url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def line_models(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny bundle calibrated twice, with one score of 10 that puts the threshold above every
-    normal image and under every anomalous one (checked here):
+    normal image and under every anomalous one (checked here), and a broken bundle for ETCH:
 
     - for WELD on the scores of the clearly normal images themselves: the test's normal
       images are exchangeable with the calibration images, no drift;
@@ -259,6 +264,8 @@ def line_models(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory)
         assert det.threshold_ == 10.0
         models[line] = out / f"{line}.anomon"
         det.save(models[line])
+    models[ETCH] = out / f"{ETCH}.anomon"
+    models[ETCH].write_bytes(models[PRESS].read_bytes()[:200])  # a truncated copy: refused
     return models
 
 
@@ -268,8 +275,8 @@ def _anomalous_array(i: int) -> np.ndarray:
     return anomalous_array(np.random.default_rng(10_000 + i))  # as TinyModel.anomalous_png
 
 
-class TwoLineDaemon(DaemonProcess):
-    """`anomon watch` serving two lines, each with its own folder and model ([[lines]] tables
+class LinesDaemon(DaemonProcess):
+    """`anomon watch` serving several lines, each with its own folder and model ([[lines]] tables
     after the daemon-wide keys, which write_toml writes)."""
 
     def __init__(self, workdir: Path, models: dict[str, Path]) -> None:
@@ -295,7 +302,7 @@ class TwoLineDaemon(DaemonProcess):
 
 
 @pytest.mark.e2e
-def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_holds_them_back(
+def test_lines_anomaly_rate_drift_and_line_down_reach_their_receivers_and_anomon_down_holds_them_back(
         bins: dict[str, str], tiny_model: TinyModel, line_models: dict[str, Path], tmp_path: Path) -> None:
     t0 = time.monotonic()
     receiver = Receiver()
@@ -309,7 +316,7 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
     assert check.returncode == 0, check.stdout + check.stderr
     am = Alertmanager(bins["alertmanager"], amdir, am_config)
 
-    d = TwoLineDaemon(tmp_path / "d", line_models)
+    d = LinesDaemon(tmp_path / "d", line_models)
     prom: Prometheus | None = None
     try:
         d.start()
@@ -332,7 +339,7 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
         # Two scrapes of the untouched counters (0), so increase() counts every image.
         prom.wait_for(lambda: prom.values(f"count_over_time(anomon_ready{sel}[1m])", "instance")
                       .get(target, 0) >= 2, "two scrapes of the daemon")
-        assert not receiver.got, receiver.got  # a healthy, idle daemon: nothing to tell anyone
+        assert d.metric(f'anomon_line_up{{line="{ETCH}"}}') == 0 and d.get("/readyz").status == 200
 
         # WELD: a third of its parts bad. PRESS: only normal parts, but every one scores higher
         # than its calibration images.
@@ -353,9 +360,10 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
         expected = {  # alertname -> (line, severity, receiver)
             RATE_ALERT: (WELD, "critical", "/weld-2-oncall"),
             DRIFT_ALERT: (PRESS, "warning", "/shift"),
+            LINE_DOWN_ALERT: (ETCH, "critical", "/oncall"),
         }
         _wait(lambda: all(receiver.firing(name) for name in expected), 45,
-              "both notifications at the receiver", receiver, prom, am)
+              "the three notifications at the receiver", receiver, prom, am)
         for name, (line, severity, path) in expected.items():
             got = receiver.firing(name)
             assert {p for p, _ in got} == {path}, (name, got)
@@ -372,15 +380,18 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
         assert drift["annotations"]["summary"] == (
             f"images of line {PRESS} on {target} drift away from the calibration images")
         assert "-s USR1 anomon" in drift["annotations"]["description"]  # what to do after fixing it
-        # Nothing else was sent: no anomaly-rate alert for PRESS, no drift alert for WELD, and
-        # no other alert on a daemon that is up and scoring.
+        (_, down), *_ = receiver.firing(LINE_DOWN_ALERT)
+        assert down["annotations"]["summary"] == (
+            f"line {ETCH} on {target} judges no image: its model is not loaded")
+        # Nothing else was sent: no anomaly-rate alert for PRESS, no drift alert for WELD, no
+        # AnomonNotReady (the other lines score on), and no other alert.
         assert {(a["labels"]["alertname"], a["labels"].get("line")) for _, a in receiver.alerts()} == {
-            (RATE_ALERT, WELD), (DRIFT_ALERT, PRESS)}
+            (RATE_ALERT, WELD), (DRIFT_ALERT, PRESS), (LINE_DOWN_ALERT, ETCH)}
 
-        # Grafana's view of the same: the line picker offers both lines, and the drift panel with
+        # Grafana's view of the same: the line picker offers every line, and the drift panel with
         # PRESS picked shows its evidence at or above the alarm level.
         picker = prom.api("label/line/values", **{"match[]": f'anomon_line_up{{job="{JOB}"}}'})
-        assert picker == sorted([WELD, PRESS]), picker
+        assert picker == sorted([WELD, PRESS, ETCH]), picker
         (drift_expr,) = [t["expr"] for _, t in dashboard_targets()
                          if "anomon_drift_martingale_log10" in t["expr"]]
         shown = prom.values(grafana_expand(drift_expr.replace("$line", PRESS)), "line")
@@ -389,16 +400,23 @@ def test_two_lines_anomaly_rate_and_drift_reach_their_receivers_and_anomon_down_
         # WELD's model failed (as Prometheus would send AnomonLineDown): its alerts are held
         # back, PRESS's are not. Then the daemon is down (AnomonDown): both are held back.
         now = time.time()
-        am.post([_alert("AnomonLineDown", target, now, line=WELD)])
+        am.post([_alert(LINE_DOWN_ALERT, target, now, line=WELD)])
+
+        def weld_down(a: dict[str, Any]) -> bool:
+            return a["labels"]["alertname"] == LINE_DOWN_ALERT and a["labels"]["line"] == WELD
+
         states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "active"}), 15,
                        "WELD's alert held back by AnomonLineDown", receiver, prom, am)
-        assert states[RATE_ALERT]["status"]["inhibitedBy"] == [states["AnomonLineDown"]["fingerprint"]]
+        (weld,) = [a for a in am.alerts() if weld_down(a)]
+        assert states[RATE_ALERT]["status"]["inhibitedBy"] == [weld["fingerprint"]]
         am.post([_alert("AnomonDown", target, now)])
         states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "suppressed"}), 15,
-                       "both lines' alerts held back by AnomonDown", receiver, prom, am)
+                       "every line's alerts held back by AnomonDown", receiver, prom, am)
         down = states["AnomonDown"]
         assert down["status"]["state"] == "active" and [r["name"] for r in down["receivers"]] == ["oncall"]
         assert states[DRIFT_ALERT]["status"]["inhibitedBy"] == [down["fingerprint"]]
+        assert all(a["status"]["state"] == "suppressed" for a in am.alerts()
+                   if a["labels"].get("line")), "a per-line alert got through while AnomonDown fires"
         _wait(lambda: receiver.firing("AnomonDown"), 15, "AnomonDown at the receiver", receiver, prom, am)
         assert {p for p, _ in receiver.firing("AnomonDown")} == {"/oncall"}
     finally:
