@@ -1,8 +1,10 @@
 """`anomon demo`: the whole product on the bundled sample images, in about two minutes.
 
 It trains on most of `sample_data/normal`, starts the real daemon (`anomon watch`, a subprocess
-with a TOML file, exactly what a user deploys), copies normal and defective images into the
-watched folder at a steady pace, and prints each verdict and each alert as the daemon records them.
+with a TOML file, exactly what a user deploys) with two lines (two cameras on the same product,
+one model), copies normal and defective images into their folders at a steady pace, and prints
+each verdict and each alert as the daemon records them. Then a lens on line-2 slowly goes out of
+focus: images no threshold flags, which the drift test notices.
 
 Why a subprocess and not the service in-process: the demo then shows what production does, and it
 talks to the daemon only the way a user or an operator would: files into the watched folder, the
@@ -16,6 +18,7 @@ images can back (see anomon.calibrate).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -50,13 +53,21 @@ TARGET_FPR = 0.1
 READY_TIMEOUT_S = 120.0  # torch import + model load on a busy machine
 VERDICT_TIMEOUT_S = 60.0  # after the last image is copied
 POLL_S = 0.2  # how often the ledger and /alerts are read
+LINES = ("line-1", "line-2")
+DRIFT_LINE = "line-2"
+# The drift phase: the live normal images again, blurred a little more at each round (a lens
+# slowly going out of focus). Measured on the demo's model (sample data, 2026-11-30): a drift alarm
+# after 79-98 such images, none of them over the threshold; unchanged images: no alarm.
+DRIFT_BLUR_STEP_PX = 0.3
+DRIFT_ROUNDS = 8
+DRIFT_INTERVAL_S = 0.1
 MARKER = "README.txt"
 MARKER_TEXT = (
     "This folder was made by `anomon demo` and is rebuilt by the next demo run; delete it at will.\n"
     "  train/        the normal images the demo model learnt from\n"
     "  model.anomon  the model\n"
     "  anomon.toml   the daemon's configuration\n"
-    "  inbox/        the folder the daemon watches\n"
+    "  inbox/        the folders the daemon watches, one per line (line-1/, line-2/)\n"
     "  state/        the daemon's ledger, alerts.jsonl and anomalies/ (copies + heat maps)\n"
     "  daemon.log    the daemon's log\n"
 )
@@ -85,6 +96,7 @@ class Item:
     source: Path
     anomalous: bool
     kind: str = ""  # defect kind, for anomalous images
+    line: str = LINES[0]
     verdict: dict[str, Any] | None = None
 
     @property
@@ -179,7 +191,8 @@ def prepare_workdir(path: Path) -> Path:
                 (path / f).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         (path / MARKER).write_text(MARKER_TEXT)
-        (path / "inbox").mkdir()
+        for line in LINES:
+            (path / "inbox" / line).mkdir(parents=True)
     except OSError as e:
         raise DemoError(f"cannot prepare the demo folder {path}: {e.strerror or e}") from None
     return path
@@ -204,8 +217,8 @@ class DemoDaemon(DaemonProcess):
         self.inbox = workdir / "inbox"
         self.state = workdir / "state"
         settings = {
-            "model": model, "watch": [self.inbox], "state": self.state,
-            "listen": f"127.0.0.1:{port}", "log_format": "text",
+            "lines": [{"name": line, "model": model, "watch": [self.inbox / line]} for line in LINES],
+            "state": self.state, "listen": f"127.0.0.1:{port}", "log_format": "text",
         }
         super().__init__(workdir, settings, new_session=True, die_with_parent=True,
                          comment="Written by `anomon demo`. Every option is explained in deploy/anomon.toml.")
@@ -258,6 +271,8 @@ class Demo:
     _extra: int = 0
     _feed_seconds: float = 0.0
     _trained: bool = False  # the demo trained the model (so it knows what the model saw)
+    _drift_names: set[str] = field(default_factory=set)
+    _drift_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -289,7 +304,7 @@ class Demo:
 
         if o.model is not None:
             model = o.model.absolute()
-            self.heading("Step 1 of 3: the model")
+            self.heading("Step 1 of 4: the model")
             self.say(f"Using {show(model)} as it is (no training).")
         else:
             model = self.train(work, train, len(live))
@@ -299,6 +314,7 @@ class Demo:
             self.items = self.plan(live, anomalous, kinds)
             self.feed()
             self.summary()
+            self.drift(live)
             if o.once:
                 return self.finish()
             return self.serve()
@@ -310,7 +326,7 @@ class Demo:
 
     def train(self, work: Path, train: list[Path], n_live: int) -> Path:
         o = self.opts
-        self.heading("Step 1 of 3: train a model on normal images")
+        self.heading("Step 1 of 4: train a model on normal images")
         folder = work / "train"
         folder.mkdir()
         for p in train:
@@ -342,18 +358,19 @@ class Demo:
     def start_daemon(self) -> None:
         d = self.daemon
         assert d is not None
-        self.heading("Step 2 of 3: start the monitoring daemon")
+        self.heading("Step 2 of 4: start the monitoring daemon")
         self.say(f"$ anomon watch --config {show(d.config)}")
         d.start(wait_ready=False)
         took = d.wait_ready()
         assert d.proc is not None
         self.say(f"Ready in {took:.0f} s (pid {d.proc.pid}); its log: {show(d.log_path)}")
-        self.say(f"  watching  {show(d.inbox)}")
+        self.say(f"  watching  {show(d.inbox)}/{LINES[0]}/ and {LINES[1]}/: two lines (two cameras, one "
+                 "model here; each line may have its own)")
         self.say(f"  metrics   {d.url}/metrics   (for Prometheus)")
         self.say(f"  alerts    {d.url}/alerts    (JSON, ?since=ID)")
         self.say(f"  health    {d.url}/readyz")
         m = d.metrics()
-        threshold = m.get("anomon_score_threshold")
+        threshold = m.get(f'anomon_score_threshold{{line="{LINES[0]}"}}')
         if threshold is not None:
             self.say(f"Threshold {threshold:.2f}: an image scoring above it is anomalous.")
 
@@ -361,6 +378,8 @@ class Demo:
         items = [Item(p, False) for p in live]
         items += [Item(p, True, kinds.get(p.name, "defect")) for p in anomalous]
         random.Random(0).shuffle(items)  # the same order every run
+        for i, it in enumerate(items):  # the two cameras take turns
+            it.line = LINES[i % len(LINES)]
         self._by_name = {it.name: it for it in items}
         return items
 
@@ -369,12 +388,12 @@ class Demo:
         assert d is not None
         n_normal = sum(not it.anomalous for it in self.items)
         n_bad = len(self.items) - n_normal
-        self.heading("Step 3 of 3: feed images to the daemon")
+        self.heading("Step 3 of 4: feed images to the daemon")
         unseen = " the model never saw" if self._trained else ""
         rate = 1 / self.opts.interval_s
         pace = f"about {rate:.0f} per second" if rate >= 1 else f"one every {self.opts.interval_s:g} s"
-        self.para(f"Copying {len(self.items)} images into {show(d.inbox)}, {pace}: {n_normal} normal "
-                  f"ones{unseen} and {n_bad} with a drawn defect (the name says which).")
+        self.para(f"Copying {len(self.items)} images into {show(d.inbox)}/{{{','.join(LINES)}}}, {pace}: "
+                  f"{n_normal} normal ones{unseen} and {n_bad} with a drawn defect (the name says which).")
         self.say()
         t_start = time.monotonic()
         next_copy = t_start
@@ -383,7 +402,8 @@ class Demo:
         while todo or not self._done():
             now = time.monotonic()
             if todo and now >= next_copy:
-                self._drop(todo.pop(0), d.inbox)
+                item = todo.pop(0)
+                self._drop(item.source, d.inbox / item.line / item.name)
                 next_copy += self.opts.interval_s
                 last_copy = now
             if now >= next_poll:
@@ -396,12 +416,16 @@ class Demo:
             time.sleep(0.05)
         self._feed_seconds = time.monotonic() - t_start
 
-    def _drop(self, item: Item, inbox: Path) -> None:
+    @staticmethod
+    def _drop(source: Path | bytes, dest: Path) -> None:
         """Copy under a hidden name the daemon ignores, then rename: the file appears complete,
         as a camera or an upload should deliver it."""
-        tmp = inbox / f".{item.name}.part"
-        shutil.copyfile(item.source, tmp)
-        os.replace(tmp, inbox / item.name)
+        tmp = dest.with_name(f".{dest.name}.part")
+        if isinstance(source, bytes):
+            tmp.write_bytes(source)
+        else:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
 
     def _done(self) -> bool:
         """Every image has its verdict, and every anomalous verdict its alert."""
@@ -443,8 +467,11 @@ class Demo:
 
     def _print_verdict(self, row: dict[str, Any]) -> None:
         name = Path(row["path"]).name
-        item = self._by_name.get(name)
         self._printed_images.add(row["id"])
+        if name in self._drift_names:  # the drift phase reports in bulk, not one line each
+            self._drift_rows.append(row)
+            return
+        item = self._by_name.get(name)
         if item is not None and item.verdict is None:
             item.verdict = row
             self._judged += 1
@@ -452,8 +479,9 @@ class Demo:
         else:
             self._extra += 1
             tag = "[extra]"
+        line = row.get("line") or "?"
         if row["verdict"] == "error":
-            self.say(f"  {tag} {name:<24} ERROR      {row['reason']}: {row['message']}")
+            self.say(f"  {tag} {line} {name:<24} ERROR      {row['reason']}: {row['message']}")
             return
         flagged = row["verdict"] == "anomalous"
         word = "ANOMALOUS" if flagged else "normal"
@@ -463,13 +491,15 @@ class Demo:
                 note = f"caught ({item.kind})" if flagged else f"MISSED ({item.kind})"
             else:
                 note = "FALSE ALARM" if flagged else "ok"
-        self.say(f"  {tag} {name:<24} {word:<9}  score {row['score']:7.2f}  {note}".rstrip())
+        self.say(f"  {tag} {line} {name:<24} {word:<9}  score {row['score']:7.2f}  {note}".rstrip())
 
     def _print_alert(self, a: dict[str, Any]) -> None:
         first = not self._alerted_images
         self._alerted_images.add(a["image_id"])
+        if Path(a["path"]).name in self._drift_names:
+            return  # counted in the drift phase's report
         self.say(f"          ALERT #{a['id']}  {Path(a['path']).name}  score {a['score']:.2f} > threshold "
-                 f"{a['threshold']:.2f}")
+                 f"{a['threshold']:.2f}  ({a.get('line', '?')})")
         where = a.get("heatmap") or a.get("anomaly_image")
         if first and where:
             self.say(f"          (a copy of each alerted image and its heat map go to {show(Path(where).parent)}/)")
@@ -505,6 +535,68 @@ class Demo:
         self.say(f"  /metrics:         anomon_images_scored_total normal={scored['normal']} "
                  f"anomalous={scored['anomalous']}")
 
+    def drift(self, live: list[Path]) -> None:
+        """A lens on one line slowly goes out of focus: no image crosses the threshold, and the
+        drift test says so after some tens of images (see DRIFT_ROUNDS)."""
+        from PIL import Image, ImageFilter  # only this step makes images
+
+        d = self.daemon
+        assert d is not None
+        alarms = f'anomon_drift_alarms_total{{line="{DRIFT_LINE}"}}'
+        evidence = f'anomon_drift_martingale_log10{{line="{DRIFT_LINE}"}}'
+        self.heading(f"Step 4 of 4: a lens on {DRIFT_LINE} slowly goes out of focus")
+        self.para(f"The {len(live)} normal images again, into {show(d.inbox / DRIFT_LINE)}, each round blurred "
+                  f"by {DRIFT_BLUR_STEP_PX:g} px more. Each one alone still looks normal; the drift test "
+                  f"weighs them together (its evidence is anomon_drift_martingale_log10; an alarm at 2).")
+        before = d.metrics().get(alarms, 0.0)
+        fed = flagged = 0
+        raised = False
+        for rnd in range(DRIFT_ROUNDS):
+            blur = DRIFT_BLUR_STEP_PX * (rnd + 1)
+            for p in live:
+                name = f"blur{rnd + 1}_{p.name}"
+                self._drift_names.add(name)
+                with Image.open(p) as im:
+                    buf = io.BytesIO()
+                    im.filter(ImageFilter.GaussianBlur(blur)).save(buf, format="PNG")
+                self._drop(buf.getvalue(), d.inbox / DRIFT_LINE / name)
+                fed += 1
+                time.sleep(self.opts.interval_s / 3)
+                self.poll()
+            self._wait_for_rows(fed)
+            m = d.metrics()
+            flagged = sum(r["verdict"] == "anomalous" for r in self._drift_rows)
+            self.say(f"  blur {blur:.1f} px: {fed} images, {flagged} over the threshold; evidence "
+                     f"10^{m.get(evidence, 0.0):.2f}")
+            if m.get(alarms, 0.0) > before:
+                raised = True
+                break
+            if flagged > fed / 2:
+                break  # the threshold catches these itself: nothing for the drift test to show
+        self.say()
+        if flagged > fed / 2:
+            self.say("  This model flags most blurred images on its own: a change this large is the "
+                     "threshold's to catch, not the drift test's.")
+        elif raised:
+            row = self._conn.execute("SELECT direction FROM drift_alarms WHERE line = ? ORDER BY id DESC "
+                                     "LIMIT 1", (DRIFT_LINE,)).fetchone() if self._conn is not None else None
+            way = f": they score {row[0]} than the calibration images" if row and row[0] else ""
+            self.say(f"  DRIFT ALARM on {DRIFT_LINE} after {fed} blurred images{way}. Recorded in the "
+                     f"ledger (drift_alarms), logged, and AnomonDrift fires in Prometheus.")
+            self.say(f"  After fixing the lens: kill -USR1 {d.pid}  resets the evidence.")
+        else:
+            self.say(f"  No drift alarm after {fed} blurred images (a model trained in less time than "
+                     f"planned is less sensitive; see the training warning above).")
+
+    def _wait_for_rows(self, n: int) -> None:
+        deadline = time.monotonic() + VERDICT_TIMEOUT_S
+        while len(self._drift_rows) < n:
+            if time.monotonic() > deadline:
+                raise DemoError(f"only {len(self._drift_rows)} of {n} drift images judged after "
+                                f"{VERDICT_TIMEOUT_S:.0f} s; see {show(self.daemon.log_path)}")  # type: ignore[union-attr]
+            self.poll()
+            time.sleep(POLL_S)
+
     def finish(self) -> int:
         d = self.daemon
         assert d is not None
@@ -519,7 +611,7 @@ class Demo:
         d = self.daemon
         assert d is not None
         self.heading("Still running")
-        self.say(f"Drop your own images into {show(d.inbox)} to have them judged.")
+        self.say(f"Drop your own images into {show(d.inbox / LINES[0])} to have them judged.")
         self.say(f"Try: curl {d.url}/metrics    or    anomon verdicts --state {show(d.state)}")
         self.say("Prometheus and Grafana setups: deploy/ in the anomon repository.")
         self.say("Press Ctrl-C to stop.")

@@ -28,7 +28,7 @@ from anomon.state import ledger_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = [sys.executable, "-m", "anomon", "demo"]
-VERDICT = re.compile(r"^\s+\[\s*(\d+)/(\d+)\] (\S+)\s+(normal|ANOMALOUS)\s+score\s+(-?\d+\.\d+)\s+(.*)$")
+VERDICT = re.compile(r"^\s+\[\s*(\d+)/(\d+)\] (line-[12]) (\S+)\s+(normal|ANOMALOUS)\s+score\s+(-?\d+\.\d+)\s+(.*)$")
 ALERT = re.compile(r"^\s+ALERT #(\d+)\s+(\S+)\s+score")
 
 
@@ -54,16 +54,18 @@ def _state_unlocked(state: Path) -> bool:
         os.close(fd)
 
 
-def _parse(stdout: str) -> tuple[dict[str, tuple[int, str, str]], list[str]]:
+def _parse(stdout: str) -> tuple[dict[str, tuple[int, str, str]], list[str], dict[str, int]]:
     verdicts: dict[str, tuple[int, str, str]] = {}
     alerts: list[str] = []
+    lines: dict[str, int] = {}
     for line in stdout.splitlines():
         if m := VERDICT.match(line):
-            assert m.group(3) not in verdicts, f"two verdict lines for {m.group(3)}"
-            verdicts[m.group(3)] = (int(m.group(1)), m.group(4), m.group(6))
+            assert m.group(4) not in verdicts, f"two verdict lines for {m.group(4)}"
+            verdicts[m.group(4)] = (int(m.group(1)), m.group(5), m.group(7))
+            lines[m.group(3)] = lines.get(m.group(3), 0) + 1
         elif m := ALERT.match(line):
             alerts.append(m.group(2))
-    return verdicts, alerts
+    return verdicts, alerts, lines
 
 
 @pytest.mark.e2e
@@ -78,7 +80,8 @@ def test_demo_once_trains_feeds_and_summarises(tmp_path: Path) -> None:
     out = proc.stdout
 
     normal, anomalous = _fed_names()
-    verdicts, alerts = _parse(out)
+    verdicts, alerts, lines = _parse(out)
+    assert lines == {"line-1": 30, "line-2": 30}  # two lines, the images shared between them
     # Every image copied got exactly one verdict line, numbered 1..N in the order they came.
     assert set(verdicts) == normal | anomalous
     assert sorted(n for n, _, _ in verdicts.values()) == list(range(1, len(normal) + len(anomalous) + 1))
@@ -114,10 +117,23 @@ def test_demo_once_trains_feeds_and_summarises(tmp_path: Path) -> None:
     # The live normal images were kept out of training, so the false alarms are honest.
     trained_on = {p.name for p in (work / "train").iterdir()}
     assert len(trained_on) == 120 and not trained_on & normal
+    # The drift phase fed blurred copies of the normal images to line-2, round after round, until
+    # the drift alarm (or its last round); it says how many and what became of them.
+    rounds = re.findall(r"^  blur (\d\.\d) px: (\d+) images, (\d+) over the threshold; evidence 10\^(-?\d+\.\d+)$",
+                        out, re.M)
+    assert rounds, out[-2000:]
+    n_drift, n_drift_flagged = int(rounds[-1][1]), int(rounds[-1][2])
+    assert n_drift == 30 * len(rounds)
+    alarm = re.search(r"DRIFT ALARM on line-2 after (\d+) blurred images", out)
+    assert (alarm is not None) == (float(rounds[-1][3]) >= 2.0)
     # The ledger holds one verdict per image, and the daemon is gone (its lock is free).
     conn = open_readonly(ledger_path(work / "state"))
     try:
-        assert counts(conn) == {"normal": n_total - n_flagged, "anomalous": n_flagged}
+        assert counts(conn) == {"normal": n_total - n_flagged + n_drift - n_drift_flagged,
+                                "anomalous": n_flagged + n_drift_flagged}
+        assert conn.execute("SELECT COUNT(*) FROM images WHERE line = 'line-2'").fetchone()[0] == 30 + n_drift
+        assert conn.execute("SELECT COUNT(*) FROM drift_alarms WHERE line = 'line-2'").fetchone()[0] == (
+            1 if alarm else 0)
     finally:
         conn.close()
     assert _state_unlocked(work / "state")
@@ -155,9 +171,9 @@ def test_demo_serves_until_ctrl_c(tmp_path: Path, tiny_bundle: Path) -> None:
         assert not _state_unlocked(work / "state")
 
         # A file dropped in by the user is judged too, and printed as an extra.
-        (work / "inbox" / "mine.png").write_bytes((REPO / "sample_data" / "normal" / "brick_001.png").read_bytes())
+        (work / "inbox" / "line-1" / "mine.png").write_bytes((REPO / "sample_data" / "normal" / "brick_001.png").read_bytes())
         deadline = time.monotonic() + 30
-        while not any("[extra] mine.png" in ln for ln in seen):
+        while not any("[extra] line-1 mine.png" in ln for ln in seen):
             assert time.monotonic() < deadline, "".join(seen[-20:])
             try:
                 seen.append(lines.get(timeout=1))

@@ -46,7 +46,8 @@ def test_each_line_is_scored_by_its_own_model_and_named_everywhere(
         tmp_path: Path, tiny_model: TinyModel, tiny_bundle_b: Path) -> None:
     hook_all, hook_b = WebhookReceiver([200]), WebhookReceiver([200])
     d, cams = _lines_daemon(tmp_path, {"left": {"model": tiny_model.path},
-                                       "right": {"model": tiny_bundle_b, "webhook_url": hook_b.url}},
+                                       "right": {"model": tiny_bundle_b, "webhook_url": hook_b.url},
+                                       "loose": {"model": tiny_model.path, "target_fpr": 0.5}},
                             webhook_url=hook_all.url)
     id_left = Detector.load(tiny_model.path, device="cpu").model_id
     id_right = Detector.load(tiny_bundle_b, device="cpu").model_id
@@ -57,6 +58,7 @@ def test_each_line_is_scored_by_its_own_model_and_named_everywhere(
             tiny_model.anomalous_png(cams[name] / f"bad_{name}.png", 1)
         d.wait_for(lambda: len(d.table()) == 4, 30, "4 verdicts")
         rows = _by_line(d)
+        assert "loose" not in rows
         for name, model_id in (("left", id_left), ("right", id_right)):
             assert {r["model_id"] for r in rows[name]} == {model_id}
             assert {Path(r["path"]).parent for r in rows[name]} == {cams[name].resolve()}
@@ -69,6 +71,10 @@ def test_each_line_is_scored_by_its_own_model_and_named_everywhere(
             assert m[f'anomon_line_up{{line="{name}"}}'] == 1
             assert any(k.startswith("anomon_model_info{") and f'line="{name}"' in k and model_id in k for k in m)
         assert m['anomon_score_threshold{line="left"}'] != m['anomon_score_threshold{line="right"}']
+        # The same bundle at a looser false-alarm target: a lower threshold, set from the bundle's
+        # calibration scores, under its own model id.
+        assert m['anomon_score_threshold{line="loose"}'] < m['anomon_score_threshold{line="left"}']
+        assert not any(k.startswith("anomon_model_info{") and 'line="loose"' in k and id_left in k for k in m)
         assert "anomon_ready" in m and not any(k.startswith("anomon_ready{") for k in m)  # process-wide
 
         alerts = d.get("/alerts").json()["alerts"]
