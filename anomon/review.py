@@ -346,8 +346,8 @@ def _item_html(it: J.Item, *, judging: bool, kept: Any) -> str:
         ratio = (f' <span class="dim">({_times(it.score / it.threshold)} threshold)</span>'
                  if it.score is not None and it.threshold else "")
         facts = (f"<dt>score</dt><dd>{_num(it.score)}{ratio}</dd><dt>threshold</dt><dd>{_num(it.threshold)}</dd>"
-                 f"<dt>p-value</dt><dd>{_num(it.p_value, '.3g')}</dd>"
-                 f'<dt>path</dt><dd class="path">{_text(it.path)}</dd>')
+                 f"<dt>p-value</dt><dd>{_num(it.p_value, '.3g')}</dd>")
+        wide = f'<dt>path</dt><dd class="path wide">{_text(it.path)}</dd>'
         title = f'<span class="kind">anomaly</span> <span class="name">{_text(name)}</span>'
     else:
         pic = '<div class="noimg drift">drift<br><small>many images, none alone</small></div>'
@@ -356,12 +356,13 @@ def _item_html(it: J.Item, *, judging: bool, kept: Any) -> str:
                  f'<span class="dim">(alarm at 10<sup>{level}</sup>)</span></dd>'
                  f"<dt>direction</dt><dd>scores {_text(it.direction or '?')}</dd>"
                  f"<dt>images</dt><dd>{_text(it.images)} since the last reset</dd>")
+        wide = ""
         title = '<span class="kind drift">drift alarm</span>'
     return (
         f'<article class="item st-{it.state}" id="{it.kind}-{it.id}" data-kind="{it.kind}" data-id="{it.id}" '
         f'data-state="{it.state}" tabindex="-1"><figure>{pic}</figure><div class="info">'
         f'<h2>{title}</h2><dl><dt>time</dt><dd>{_text(_when(it.time))}</dd>'
-        f'<dt>line</dt><dd>{_text(it.line)}</dd>{facts}<dt>model</dt><dd class="mono">{_text(it.model_id)}</dd></dl>'
+        f'<dt>line</dt><dd>{_text(it.line)}</dd>{facts}<dt>model</dt><dd class="mono">{_text(it.model_id)}</dd>{wide}</dl>'
         f'<div class="judge"><span class="state">{_text(names[it.state])}</span>{who}'
         f'<span class="buttons">{buttons}</span></div></div></article>')
 
@@ -400,10 +401,10 @@ def render_page(found: list[J.Item], q: PageQuery, *, lines: list[str],
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="csrf-token" content="{_text(csrf)}"><title>anomon review</title><link rel="icon" href="data:,">
 <style nonce="{nonce}">{_CSS}</style></head>
-<body><header><h1>anomon review</h1><span class="summary">{summary}</span>
-<form id="filters" method="get" action="/review">{_select("line", "line", line_opts, q.line or "")}
+<body><header><div class="row"><h1>anomon review</h1><span class="summary">{summary}</span></div>
+<div class="row"><form id="filters" method="get" action="/review">{_select("line", "line", line_opts, q.line or "")}
 {_select("state", "state", state_opts, q.state or "all")}{_select("kind", "show", kind_opts, q.kind or "")}
-<noscript><button type="submit">Show</button></noscript></form>{auth}
+<noscript><button type="submit">Show</button></noscript></form>{auth}</div>
 <p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next/previous · <kbd>f</kbd> false alarm · <kbd>d</kbd> defect ·
 <kbd>u</kbd> unreviewed · <kbd>h</kbd> heat map/image · <kbd>o</kbd> open image · <kbd>r</kbd> reload
 <span id="status" role="status"></span></p></header>
@@ -414,23 +415,25 @@ def render_page(found: list[J.Item], q: PageQuery, *, lines: list[str],
 
 _CSS = """
 *{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,sans-serif;background:#f4f5f7;color:#1d2330}
-header{position:sticky;top:0;z-index:1;background:#1d2330;color:#eef;padding:8px 16px}
-header h1{display:inline;font-size:18px;margin:0 16px 0 0}.summary{color:#bcc}
-header form{display:inline-block;margin:6px 16px 0 0}header label{margin-right:8px}
-header input{width:11em}.keys{margin:6px 0 0;color:#aab;font-size:12px}.ro{display:inline;color:#fc8}
+header{position:sticky;top:0;z-index:1;background:#1d2330;color:#eef;padding:6px 16px}
+header .row{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 24px;margin-bottom:4px}
+header h1{font-size:18px;margin:0}.summary{color:#bcc}
+header form{display:inline-block}header label{margin-right:8px}
+header input{width:10em}.keys{margin:6px 0 0;color:#aab;font-size:12px}.ro{display:inline;color:#fc8}
 kbd{font:11px monospace;border:1px solid #889;border-radius:3px;padding:0 3px;background:#fff;color:#223}
 #status{margin-left:12px;color:#fd6;font-weight:600}#whoami{color:#9d9}
 main{padding:12px 16px;display:flex;flex-direction:column;gap:10px}
-.item{scroll-margin-top:130px;display:flex;gap:16px;background:#fff;border:2px solid #dde;border-left:8px solid #d93;
+.item{display:flex;gap:16px;background:#fff;border:2px solid #dde;border-left:8px solid #d93;
 border-radius:6px;padding:10px;outline:none}
 .item.sel{border-color:#36c;box-shadow:0 0 0 3px #9bd}.item.st-false_alarm{border-left-color:#6a6}
-.item.st-defect{border-left-color:#c33}figure{margin:0;flex:0 0 auto;width:280px;text-align:center}
-.shot{max-width:280px;max-height:280px;image-rendering:pixelated;background:#222;min-width:128px}
-figcaption{font-size:12px;color:#667}.noimg{width:280px;height:160px;display:flex;align-items:center;
+.item.st-defect{border-left-color:#c33}figure{margin:0;flex:0 0 auto;width:220px;text-align:center}
+.shot{max-width:220px;max-height:220px;image-rendering:pixelated;background:#222;min-width:128px}
+figcaption{font-size:12px;color:#667}.noimg{width:220px;height:128px;display:flex;align-items:center;
 justify-content:center;flex-direction:column;background:#eee;color:#889}
 .info{flex:1;min-width:0}h2{font-size:15px;margin:0 0 6px}.kind{font-size:11px;text-transform:uppercase;
 background:#d93;color:#fff;border-radius:3px;padding:1px 5px;margin-right:6px}.kind.drift{background:#76c}
-.name{white-space:pre-wrap;word-break:break-all}dl{display:grid;grid-template-columns:6em 1fr;margin:0;gap:2px 8px}
+.name{white-space:pre-wrap;word-break:break-all}dl{display:grid;grid-template-columns:5.5em minmax(10em,1fr) 5.5em minmax(10em,2fr);margin:0;gap:2px 8px}
+.wide{grid-column:2/-1}
 dt{color:#778}dd{margin:0}.path,.mono{font-family:monospace;white-space:pre-wrap;word-break:break-all}
 .dim{color:#889}.judge{margin-top:8px;display:flex;align-items:center;gap:8px;flex-wrap:wrap}
 .state{font-weight:700;text-transform:uppercase;font-size:12px;padding:2px 8px;border-radius:3px;
@@ -465,6 +468,8 @@ _JS = r"""
   showWho();
   function select(i) {
     if (!items.length) return;
+    // scrollIntoView must not leave the item under the sticky header, however tall it wraps
+    document.documentElement.style.scrollPaddingTop = (document.querySelector('header').offsetHeight + 8) + 'px';
     sel = Math.max(0, Math.min(items.length - 1, i));
     items.forEach((el, k) => el.classList.toggle('sel', k === sel));
     items[sel].scrollIntoView({block: 'nearest'});
