@@ -6,6 +6,10 @@ at-least-once export of that table, caught up at start from a cursor:
 
 - alerts.jsonl: append, flush, fsync. Its own last complete line says where it stopped (a torn last
   line from a crash is cut off), and the ledger keeps a cursor too, so a rotated file is not refilled.
+  Rotation (alerts_jsonl_max_bytes): before an append would go to a full file, the cursor is
+  written to the ledger, then alerts.jsonl.N-1 becomes .N ... alerts.jsonl becomes .1 (the oldest
+  beyond alerts_jsonl_keep_files is replaced), and the append starts a new alerts.jsonl. Rotated
+  files older than the retention age are removed. A reader follows the files .N ... .1, alerts.jsonl.
 - webhook: POST each alert in order with an `Idempotency-Key` header (the alert's key, see
   anomon.ledger.alert_key). 5xx, 408/429, timeouts and connection errors are retried with
   exponential backoff, so an unreachable receiver delays alerts but never loses them; the cursor
@@ -42,7 +46,7 @@ from typing import Any
 
 from anomon.config import DEFAULT_LINE, watch_default
 from anomon.ledger import Ledger, iso, json_line
-from anomon.state import DEAD_LETTER_NAME, JSONL_NAME, cut_torn_tail, last_id
+from anomon.state import DEAD_LETTER_NAME, JSONL_NAME, cut_torn_tail, last_id, rotated_jsonl
 
 log = logging.getLogger("anomon.alerts")
 
@@ -132,22 +136,93 @@ class JsonlExporter(_ExportThread):
     CURSOR = "alerts_jsonl"
     final_step = True
 
-    def __init__(self, ledger: Ledger, state_dir: Path) -> None:
+    EXPIRY_CHECK_S = 60.0  # how often rotated files are checked against max_age_s
+
+    def __init__(self, ledger: Ledger, state_dir: Path, *, max_bytes: int | None = None,
+                 keep_files: int = watch_default("alerts_jsonl_keep_files"),
+                 max_age_s: float | None = None, on_rotated: Callable[[], None] = lambda: None,
+                 on_removed: Callable[[int], None] = lambda n: None) -> None:
         super().__init__()
         self._ledger = ledger
+        self.state_dir = state_dir
         self.path = state_dir / JSONL_NAME
         self._cursor: int | None = None
+        self._max_bytes = max_bytes  # None: never rotated
+        self._keep = keep_files
+        self._max_age_s = max_age_s
+        self._on_rotated = on_rotated
+        self._on_removed = on_removed
+        self._next_expiry = 0.0
 
     def step(self) -> bool:
         if self._cursor is None:  # first step runs on this thread: the connection is ours
             self._cursor = max(last_jsonl_id(self.path), self._ledger.cursor(self.CURSOR))
         alerts = self._ledger.alerts_after(self._cursor, 500)
         for a in alerts:
+            if self._full():
+                self.rotate()
             append_line(self.path, a)
             self._cursor = a["id"]
         if alerts:
             self._ledger.set_cursor(self.CURSOR, self._cursor)
+        if time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + self.EXPIRY_CHECK_S
+            self.remove_old()
         return bool(alerts)
+
+    def _full(self) -> bool:
+        if self._max_bytes is None:
+            return False
+        try:
+            return self.path.stat().st_size >= self._max_bytes
+        except FileNotFoundError:
+            return False
+
+    def rotate(self) -> None:
+        """alerts.jsonl -> .1 -> .2 ... -> .keep_files (replacing the oldest). The ledger's cursor
+        is written first: once renamed, alerts.jsonl's last line no longer says where the export
+        stopped, and the cursor must, or a restart would write those alerts again."""
+        assert self._cursor is not None
+        self._ledger.set_cursor(self.CURSOR, self._cursor)
+        for n in range(self._keep, 0, -1):
+            src = self.path if n == 1 else rotated_jsonl(self.state_dir, n - 1)
+            try:
+                os.replace(src, rotated_jsonl(self.state_dir, n))
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.state_dir)
+        self._on_rotated()
+        log.info("%s rotated to %s (%d kept); alerts from id %d go to a new %s", self.path.name,
+                 rotated_jsonl(self.state_dir, 1).name, self._keep, self._cursor + 1, self.path.name)
+
+    def remove_old(self) -> int:
+        """Remove rotated files beyond keep_files (the setting was lowered) or, with a retention
+        age, whose last alert is older than it; returns how many went."""
+        now = time.time()
+        removed = 0
+        for p in sorted(self.state_dir.glob(f"{JSONL_NAME}.*")):
+            suffix = p.name[len(JSONL_NAME) + 1:]
+            if not suffix.isdigit():
+                continue
+            try:
+                old = self._max_age_s is not None and now - p.stat().st_mtime > self._max_age_s
+                if int(suffix) > self._keep or old:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            self._on_removed(removed)
+            log.info("removed %d rotated alerts file(s) past retention", removed)
+        return removed
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class WebhookSender(_ExportThread):

@@ -141,6 +141,18 @@ class WatchConfig(BaseModel):
     # drift (anomon.drift): a false drift alarm has probability at most drift_alpha per reset
     drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)
 
+    # retention (anomon.retention): months of data. Unset = keep everything (as before retention).
+    # Image rows older than retention_max_age_days, or beyond the newest retention_max_images, are
+    # pruned in the background (their alerts too, once exported; judged alerts and drift alarms are
+    # kept); a pruned image's file still in a folder is never scored again. Rotated alerts.jsonl
+    # files older than retention_max_age_days are removed.
+    retention_max_age_days: float | None = Field(None, gt=0)
+    retention_max_images: int | None = Field(None, ge=1)
+    retention_interval_s: float = Field(300.0, gt=0)  # how often a pruning pass runs
+    alerts_jsonl_max_bytes: int | None = Field(None, ge=1024)  # rotate alerts.jsonl at this size
+    alerts_jsonl_keep_files: int = Field(4, ge=1, le=1000)  # rotated files kept: alerts.jsonl.1 ... .N
+    # -- end retention --
+
     # review (anomon.review): the page at /review, read-only unless a token is set; judging sends
     # it as `Authorization: Bearer TOKEN`. A file (readable by the daemon's user only) keeps it out
     # of the config, which more people read.

@@ -45,7 +45,7 @@ import os
 import sqlite3
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,7 +88,7 @@ CREATE TABLE seen (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    image_id INTEGER NOT NULL REFERENCES images (id),
+    image_id INTEGER NOT NULL,   -- images.id; no foreign key: it outlives a row retention prunes
     PRIMARY KEY (path, size, mtime_ns)
 ) WITHOUT ROWID;
 CREATE TABLE alerts (
@@ -121,6 +121,31 @@ CREATE TABLE IF NOT EXISTS drift_alarms (
     image_id INTEGER REFERENCES images (id),  -- the image that took the martingale to 1/alpha
     reset_at REAL                -- the reset the evidence was gathered since
 );
+"""
+# Retention (anomon.retention) prunes old image rows but keeps what exactly-once needs: their `seen`
+# rows (a rescan does not queue the file) and one `pruned` row each (path, image id, SHA-256 as 32
+# bytes), which Ledger.find consults, so the file touched with the same bytes is still a duplicate.
+_RETENTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pruned (
+    path TEXT NOT NULL,
+    image_id INTEGER NOT NULL,
+    sha256 BLOB,                 -- NULL when the bytes were never read
+    PRIMARY KEY (path, image_id)
+) WITHOUT ROWID;
+"""
+# Ledgers from before retention had seen.image_id REFERENCES images (id), which forbids deleting an
+# image row its file's seen rows point to; the table is rebuilt without it, once, at open.
+_SEEN_MIGRATION = """
+CREATE TABLE seen_new (
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    image_id INTEGER NOT NULL,
+    PRIMARY KEY (path, size, mtime_ns)
+) WITHOUT ROWID;
+INSERT INTO seen_new (path, size, mtime_ns, image_id) SELECT path, size, mtime_ns, image_id FROM seen;
+DROP TABLE seen;
+ALTER TABLE seen_new RENAME TO seen;
 """
 # Ledgers written before lines (one daemon, one model) hold the images of the line `default`; their
 # drift test was stored under the line "". Both are made explicit at open, in one transaction.
@@ -381,7 +406,9 @@ class Ledger:
                 epochs = []
             columns = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
             migrate = _LINES_MIGRATION if "line" not in columns else ""
-            conn.executescript("BEGIN IMMEDIATE;" + _DRIFT_SCHEMA + migrate + "COMMIT;")
+            if conn.execute("PRAGMA foreign_key_list(seen)").fetchone() is not None:
+                migrate += _SEEN_MIGRATION
+            conn.executescript("BEGIN IMMEDIATE;" + _DRIFT_SCHEMA + _RETENTION_SCHEMA + migrate + "COMMIT;")
             led = cls(path, conn, ledger_id, epochs)
             led._write_marker(_alert_sequence(conn))
             return led
@@ -475,9 +502,13 @@ class Ledger:
         return str(row[1]) if row and row[0] == "error" else None
 
     def find(self, path: str, sha256: str) -> int | None:
-        """The id of the image with these bytes at this path, if any."""
+        """The id of the image with these bytes at this path, if any (its row may have been
+        pruned by retention: the image was still seen, and is not scored again)."""
         row = self._conn.execute(
             "SELECT id FROM images WHERE path = ? AND sha256 = ?", (db_path(path), sha256)).fetchone()
+        if row is None:
+            row = self._conn.execute("SELECT image_id FROM pruned WHERE path = ? AND sha256 = ?",
+                                     (db_path(path), _sha_bytes(sha256))).fetchone()
         return int(row[0]) if row else None
 
     # -- writing ---------------------------------------------------------------------------------
@@ -597,6 +628,131 @@ class Ledger:
             args = (since_id, line)  # type: ignore[assignment]
         return int(self._conn.execute(sql, args).fetchone()[0])
 
+    # -- retention (anomon.retention; its own connection, from reopen()) -------------------------
+
+    def prune_bounds(self, older_than: float | None, keep_images: int | None) -> tuple[int, int]:
+        """(upper, below) for `prune_images`: the highest id that may be old enough, and the id
+        below which rows are beyond the newest `keep_images` (0: none). Read once per pass."""
+        upper = below = 0
+        c = self._conn
+        if older_than is not None:  # ids grow with time, near enough: the newest old row bounds the scan
+            row = c.execute("SELECT id FROM images WHERE scored_at < ? ORDER BY scored_at DESC LIMIT 1",
+                            (older_than,)).fetchone()
+            upper = int(row[0]) if row else 0
+        if keep_images is not None:  # the keep_images-th newest row and everything after it stay
+            row = c.execute("SELECT id FROM images ORDER BY id DESC LIMIT 1 OFFSET ?",
+                            (max(0, keep_images - 1),)).fetchone()
+            below = int(row[0]) if row else 0
+            upper = max(upper, below - 1)
+        return upper, below
+
+    def prune_images(self, after_id: int, upper: int, below: int, older_than: float | None, *,
+                     cursors: Sequence[str], line_cursors: Mapping[str, str] | None = None,
+                     limit: int = 1000) -> Pruned:
+        """Prune, in ONE short transaction, up to `limit` image rows with ids in (after_id, upper]
+        that are older than `older_than` or below `below` (see prune_bounds), with their alerts.
+
+        Kept whatever their age: an image whose alert an exporter has not handled yet (its id
+        above any of `cursors`, or above its line's cursor in `line_cursors`), whose alert an
+        operator has judged (anomon.judgements), or that a drift alarm names. Each pruned image
+        leaves its `seen` rows and a `pruned` row, so its file, still in the folder, is never
+        scored again (Ledger.find). `last_id` in the result is where the next batch starts."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            rows = c.execute(
+                "SELECT i.id, i.line, a.id FROM images i LEFT JOIN alerts a ON a.image_id = i.id "
+                "WHERE i.id > ? AND i.id <= ? AND (i.id < ? OR i.scored_at < ?) ORDER BY i.id LIMIT ?",
+                (after_id, upper, below, older_than if older_than is not None else float("-inf"),
+                 limit)).fetchall()
+            if not rows:
+                c.execute("COMMIT")
+                return Pruned(0, 0, 0, after_id, True)
+            ids = [int(r[0]) for r in rows]
+            alert_ids = [int(r[2]) for r in rows if r[2] is not None]
+            held: set[int] = set()
+            if alert_ids:
+                done = min((self.cursor(n) for n in cursors), default=_max_alert_id(c))
+                per_line = {ln: self.cursor(n) for ln, n in (line_cursors or {}).items()}
+                held |= {int(r[0]) for r in rows if r[2] is not None
+                         and (int(r[2]) > done or int(r[2]) > per_line.get(str(r[1]), int(r[2])))}
+                judged = _judged_alerts(c, alert_ids)
+                held |= {int(r[0]) for r in rows if r[2] is not None and int(r[2]) in judged}
+            marks = ",".join("?" * len(ids))
+            held |= {int(r[0]) for r in c.execute(
+                f"SELECT image_id FROM drift_alarms WHERE image_id IN ({marks})", ids)}
+            gone = [i for i in ids if i not in held]
+            alerts = 0
+            if gone:
+                marks = ",".join("?" * len(gone))
+                # Vanished files (no stat, no bytes) left nothing a rescan could match: no record.
+                c.executemany(
+                    "INSERT OR IGNORE INTO pruned (path, image_id, sha256) VALUES (?, ?, ?)",
+                    [(r[0], r[1], _sha_bytes(r[2]) if r[2] is not None else None) for r in c.execute(
+                        f"SELECT path, id, sha256 FROM images WHERE id IN ({marks}) "
+                        "AND (sha256 IS NOT NULL OR size IS NOT NULL)", gone).fetchall()])
+                alerts = c.execute(f"DELETE FROM alerts WHERE image_id IN ({marks})", gone).rowcount
+                c.execute(f"DELETE FROM images WHERE id IN ({marks})", gone)
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return Pruned(len(gone), alerts, len(held), ids[-1], len(rows) < limit)
+
+    def pruned_paths(self, after: str | bytes | None, limit: int = 500) -> list[str | bytes]:
+        """Paths of pruned images, in order after `after` (None: from the start), as stored."""
+        if after is None:
+            sql, args = "SELECT DISTINCT path FROM pruned ORDER BY path LIMIT ?", (limit,)
+        else:
+            sql, args = "SELECT DISTINCT path FROM pruned WHERE path > ? ORDER BY path LIMIT ?", (after, limit)  # type: ignore[assignment]
+        return [r[0] for r in self._conn.execute(sql, args)]
+
+    def forget(self, paths: Sequence[str | bytes], still_gone: Callable[[str | bytes], bool]) -> int:
+        """Drop the records of pruned images at `paths` (their `pruned` and `seen` rows), in one
+        transaction, for each path `still_gone(path)` confirms inside it (the scoring worker
+        cannot commit meanwhile). Returns the pruned images forgotten."""
+        c = self._conn
+        n = 0
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for p in paths:
+                if not still_gone(p):
+                    continue
+                c.execute("DELETE FROM seen WHERE path = ? AND image_id IN "
+                          "(SELECT image_id FROM pruned WHERE path = ?)", (p, p))
+                n += c.execute("DELETE FROM pruned WHERE path = ?", (p,)).rowcount
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return n
+
+
+@dataclass
+class Pruned:
+    """What one `Ledger.prune_images` batch did."""
+
+    images: int      # image rows deleted
+    alerts: int      # their alert rows
+    held: int        # old enough, but kept (unexported or judged alert, drift alarm)
+    last_id: int     # the last id looked at: the next batch starts after it
+    done: bool       # no more rows in range
+
+
+def _max_alert_id(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0])
+
+
+def _judged_alerts(conn: sqlite3.Connection, alert_ids: Sequence[int]) -> set[int]:
+    """Which of these alerts an operator has judged (anomon.judgements' table, if it exists)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'").fetchone() is None:
+        return set()
+    marks = ",".join("?" * len(alert_ids))
+    return {int(r[0]) for r in conn.execute(
+        f"SELECT item_id FROM judgements WHERE kind = 'alert' AND item_id IN ({marks})", list(alert_ids))}
+
 
 def db_path(path: str | None) -> str | bytes | None:
     """A path as SQLite stores it, losslessly: text when it is valid UTF-8, else its raw bytes (a
@@ -628,6 +784,14 @@ def _text(message: str | None) -> str | None:
     if message is None:
         return None
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _sha_bytes(sha256: str) -> bytes | str:
+    """A SHA-256 as `pruned` keeps it: 32 bytes instead of 64 hex characters."""
+    try:
+        return bytes.fromhex(sha256)
+    except ValueError:
+        return sha256
 
 
 def _num(x: float | None) -> float | None:

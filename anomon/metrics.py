@@ -218,6 +218,29 @@ class Metrics:
             "1 while the line has a model and its images are scored; 0 when its model failed to load "
             "at start (its images wait; the other lines go on).", L, registry=r)
 
+        # retention (anomon.retention): process-wide, what the background passes removed
+        self.retention_images = Counter(
+            "anomon_retention_images_total",
+            "Image rows pruned from the ledger by retention (older than retention_max_age_days or "
+            "beyond retention_max_images); a compact record of each is kept while its file is there.",
+            registry=r)
+        self.retention_alerts = Counter(
+            "anomon_retention_alerts_total",
+            "Alert rows pruned with their images (only alerts every exporter had handled).", registry=r)
+        self.retention_forgotten = Counter(
+            "anomon_retention_forgotten_total",
+            "Records of pruned images dropped because their file had left the watched folder.", registry=r)
+        self.retention_jsonl_rotations = Counter(
+            "anomon_retention_jsonl_rotations_total",
+            "alerts.jsonl rotations (it reached alerts_jsonl_max_bytes).", registry=r)
+        self.retention_jsonl_removed = Counter(
+            "anomon_retention_jsonl_files_removed_total",
+            "Rotated alerts.jsonl files removed (older than retention_max_age_days, or beyond "
+            "alerts_jsonl_keep_files).", registry=r)
+        self.retention_last_pass = Gauge(
+            "anomon_retention_last_pass_timestamp_seconds",
+            "Unix time the last retention pass over the ledger ended (0 = none since start).", registry=r)
+
         self.build_info.info({"version": __version__})
         self._lines = {name: self._line(name, t) for name, t in thresholds.items()}
 

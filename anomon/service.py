@@ -55,6 +55,7 @@ from anomon.ledger import (DriftAlarm, DriftRecord, Ledger, LedgerError, Sightin
 from anomon.linequeue import LineQueues
 from anomon.logs import setup_logging
 from anomon.metrics import LineMetrics, Metrics
+from anomon.retention import PassResult, Policy, Retention
 from anomon.scoring import Prepared, decode, records
 from anomon.systemd import sd_notify, watchdog_interval
 from anomon.web import WebServer
@@ -162,6 +163,7 @@ class Service:
                                 maxsize=cfg.queue_size,
                                 batch_sizes={n: ln.cfg.batch_size or cfg.batch_size for n, ln in self.lines.items()})
         self.exporters: list[Any] = []
+        self.retention: Retention | None = None
         self.anomalies: AnomalyStore | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -260,7 +262,11 @@ class Service:
             ln.metrics.queue_depth.set_function(  # type: ignore[union-attr]
                 lambda name=ln.name: intake.backlog(name))
 
-        self.exporters.append(JsonlExporter(self.ledger.reopen(), self.state))
+        policy = Policy.from_config(cfg)
+        self.exporters.append(JsonlExporter(
+            self.ledger.reopen(), self.state, max_bytes=cfg.alerts_jsonl_max_bytes,
+            keep_files=cfg.alerts_jsonl_keep_files, max_age_s=policy.max_age_s,
+            on_rotated=m.retention_jsonl_rotations.inc, on_removed=m.retention_jsonl_removed.inc))
         for ln in self.lines.values():
             if ln.cfg.webhook_url:
                 self.exporters.append(WebhookSender(
@@ -270,6 +276,12 @@ class Service:
                     on_result=lambda r, lm=ln.metrics: lm.webhook_deliveries[r].inc()))  # type: ignore[union-attr]
         for e in self.exporters:
             e.start()
+        if policy.enabled:  # retention (anomon.retention): its own connection and thread
+            self.retention = Retention(
+                self.ledger.reopen(), policy, cursors=[JsonlExporter.CURSOR],
+                line_cursors={e.line: e.CURSOR for e in self.exporters if isinstance(e, WebhookSender)},
+                interval_s=cfg.retention_interval_s, on_pass=lambda r: _count_pass(m, r))
+            self.retention.start()
 
     def _load_models(self) -> None:
         """Every line's model. One line: a model that does not load stops the start (one line of
@@ -390,6 +402,8 @@ class Service:
             if self._worker.is_alive():
                 log.error("scorer did not finish its batch in time; exiting anyway (its images "
                           "are not recorded and will be scored after the restart)")
+        if self.retention is not None:
+            self.retention.stop(timeout=min(2.0, left()))
         for e in self.exporters:
             e.stop(timeout=min(2.0, left()))
         if self.web is not None:
@@ -752,6 +766,14 @@ class Service:
                 return None
             return _error(line, cand, e.reason, str(e), st, sha)
         return _Scorable(cand, sha, data, prepared)
+
+
+def _count_pass(m: Metrics, r: PassResult) -> None:
+    """A retention pass's removals, in the metrics (anomon_retention_*)."""
+    m.retention_images.inc(r.images)
+    m.retention_alerts.inc(r.alerts)
+    m.retention_forgotten.inc(r.forgotten)
+    m.retention_last_pass.set(time.time())
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -5,6 +5,7 @@
       ledger.sqlite3 (+ -wal)     every verdict and alert, exactly once (anomon.ledger)
       ledger-marker.json          the ledger this folder last saw and the highest alert id it issued
       alerts.jsonl                every alert, in id order (anomon.alerts)
+      alerts.jsonl.1 ... .N       older alerts, rotated out at alerts_jsonl_max_bytes (.1 newest)
       webhook-dead-letter.jsonl   alerts the webhook gave up on
       anomalies/                  copies of anomalous images and their heat maps, size-bounded
 
@@ -195,12 +196,17 @@ def last_id(path: Path, *keys: str) -> int:
 # ------------------------------------------------------------------------------ has a ledger lived here?
 
 
+def rotated_jsonl(state_dir: str | os.PathLike[str], n: int) -> Path:
+    """alerts.jsonl's n-th rotated file (1 = the newest), see anomon.alerts.JsonlExporter."""
+    return Path(state_dir) / f"{JSONL_NAME}.{n}"
+
+
 def traces(state_dir: str | os.PathLike[str]) -> list[str]:
     """What in the folder shows that a ledger has lived in it (the lock does not: every start,
     even a failed one, takes it)."""
     d = Path(state_dir)
     found = []
-    for name in (MARKER_NAME, JSONL_NAME, DEAD_LETTER_NAME):
+    for name in (MARKER_NAME, JSONL_NAME, rotated_jsonl(d, 1).name, DEAD_LETTER_NAME):
         try:
             if (d / name).stat().st_size > 0:
                 found.append(name)
@@ -215,10 +221,10 @@ def traces(state_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def highest_alert_id(state_dir: str | os.PathLike[str], marker: Marker | None) -> int:
-    """The highest alert id this folder has seen issued: in the marker, alerts.jsonl or the
-    dead-letter file. New alerts must be numbered above it, or alerts.jsonl skips them and a
-    receiver takes them for ones it already has."""
+    """The highest alert id this folder has seen issued: in the marker, alerts.jsonl (or, just
+    after a rotation, alerts.jsonl.1) or the dead-letter file. New alerts must be numbered above
+    it, or alerts.jsonl skips them and a receiver takes them for ones it already has."""
     d = Path(state_dir)
     dead = [_json_id(line, "alert", "id") for line in last_lines(d / DEAD_LETTER_NAME)]
     return max([marker.max_alert_id if marker else 0, last_id(d / JSONL_NAME, "id"),
-                *(x for x in dead if x is not None)])
+                last_id(rotated_jsonl(d, 1), "id"), *(x for x in dead if x is not None)])
