@@ -8,8 +8,10 @@ make the drift alert fire for it, and the third line's model file is broken (Ano
 Prometheus hands them to Alertmanager, and Alertmanager's webhook notifications reach a receiver
 in this test, each naming its line and routed by severity and line (the `weld-2` line's critical
 alert to its own on-call receiver, the `press-1` line's warning to the shift's, `etch-3`'s
-critical one to the on-call's), and nothing else arrives. Then AnomonLineDown for `weld-2` holds
-back that line's alert only, and AnomonDown for the daemon all of them (inhibit_rules).
+critical one to the on-call's), and nothing else arrives. Resetting the drift test (SIGUSR1, as
+the alert says) resolves the drift alert, and the shift's receiver is told. Then AnomonLineDown
+for `weld-2` holds back that line's alert only, and AnomonDown for the daemon all of them
+(inhibit_rules).
 
 What is real: `anomon watch` with three [[lines]] (its own process, a TOML file, a free port),
 `prometheus` and Debian's `prometheus-alertmanager`, each its own process on 127.0.0.1, and the
@@ -397,26 +399,29 @@ def test_lines_anomaly_rate_drift_and_line_down_reach_their_receivers_and_anomon
         shown = prom.values(grafana_expand(drift_expr.replace("$line", PRESS)), "line")
         assert set(shown) == {PRESS} and shown[PRESS] >= 2.0, shown
 
-        # WELD's model failed (as Prometheus would send AnomonLineDown): its alerts are held
-        # back, PRESS's are not. Then the daemon is down (AnomonDown): both are held back.
+        # The operator fixes PRESS's lamp and resets the drift test as the alert says (SIGUSR1):
+        # the alert resolves, and the shift's receiver is told so.
+        d.signal(signal.SIGUSR1)
+        _wait(lambda: [a for p, a in receiver.alerts() if p == "/shift" and a["status"] == "resolved"
+                       and a["labels"]["alertname"] == DRIFT_ALERT and a["labels"]["line"] == PRESS], 20,
+              "the drift alert resolved at the receiver", receiver, prom, am)
+
+        # WELD's model failed (as Prometheus would send AnomonLineDown): its alerts are held back,
+        # ETCH's are not. Then the daemon is down (AnomonDown): every per-line alert is held back.
+        rate, etch = (RATE_ALERT, WELD), (LINE_DOWN_ALERT, ETCH)
         now = time.time()
         am.post([_alert(LINE_DOWN_ALERT, target, now, line=WELD)])
-
-        def weld_down(a: dict[str, Any]) -> bool:
-            return a["labels"]["alertname"] == LINE_DOWN_ALERT and a["labels"]["line"] == WELD
-
-        states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "active"}), 15,
+        states = _wait(lambda: _states(am, {rate: "suppressed", etch: "active"}), 15,
                        "WELD's alert held back by AnomonLineDown", receiver, prom, am)
-        (weld,) = [a for a in am.alerts() if weld_down(a)]
-        assert states[RATE_ALERT]["status"]["inhibitedBy"] == [weld["fingerprint"]]
+        assert states[rate]["status"]["inhibitedBy"] == [states[(LINE_DOWN_ALERT, WELD)]["fingerprint"]]
         am.post([_alert("AnomonDown", target, now)])
-        states = _wait(lambda: _states(am, {RATE_ALERT: "suppressed", DRIFT_ALERT: "suppressed"}), 15,
+        states = _wait(lambda: _states(am, {rate: "suppressed", etch: "suppressed"}), 15,
                        "every line's alerts held back by AnomonDown", receiver, prom, am)
-        down = states["AnomonDown"]
+        down = states[("AnomonDown", None)]
         assert down["status"]["state"] == "active" and [r["name"] for r in down["receivers"]] == ["oncall"]
-        assert states[DRIFT_ALERT]["status"]["inhibitedBy"] == [down["fingerprint"]]
-        assert all(a["status"]["state"] == "suppressed" for a in am.alerts()
-                   if a["labels"].get("line")), "a per-line alert got through while AnomonDown fires"
+        assert states[etch]["status"]["inhibitedBy"] == [down["fingerprint"]]
+        assert all(a["status"]["state"] == "suppressed" for (_, line), a in states.items() if line), \
+            "a per-line alert got through while AnomonDown fires"
         _wait(lambda: receiver.firing("AnomonDown"), 15, "AnomonDown at the receiver", receiver, prom, am)
         assert {p for p, _ in receiver.firing("AnomonDown")} == {"/oncall"}
     finally:
@@ -437,10 +442,10 @@ def _alert(name: str, target: str, now: float, **labels: str) -> dict[str, Any]:
             "startsAt": _rfc3339(now), "endsAt": _rfc3339(now + 300)}
 
 
-def _states(am: Alertmanager, want: dict[str, str]) -> dict[str, dict[str, Any]] | None:
-    """Alertmanager's alerts by name, once each named one is in the wanted state."""
-    alerts = {a["labels"]["alertname"]: a for a in am.alerts()}
-    if all(alerts.get(n, {}).get("status", {}).get("state") == s for n, s in want.items()):
+def _states(am: Alertmanager, want: dict[tuple[str, str], str]) -> dict[tuple[str, str | None], Any] | None:
+    """Alertmanager's alerts by (alertname, line), once each wanted one is in the wanted state."""
+    alerts = {(a["labels"]["alertname"], a["labels"].get("line")): a for a in am.alerts()}
+    if all(alerts.get(k, {}).get("status", {}).get("state") == state for k, state in want.items()):
         return alerts
     return None
 
