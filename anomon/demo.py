@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import secrets
 import shlex
 import shutil
 import signal
@@ -216,9 +217,14 @@ class DemoDaemon(DaemonProcess):
     def __init__(self, workdir: Path, model: Path, port: int) -> None:
         self.inbox = workdir / "inbox"
         self.state = workdir / "state"
+        # The review page lets whoever holds this token judge alerts (anomon.review).
+        self.review_token = workdir / "review-token"
+        self.review_token.write_text(secrets.token_hex(16) + "\n")
+        self.review_token.chmod(0o600)
         settings = {
             "lines": [{"name": line, "model": model, "watch": [self.inbox / line]} for line in LINES],
             "state": self.state, "listen": f"127.0.0.1:{port}", "log_format": "text",
+            "review_token_file": self.review_token,
         }
         super().__init__(workdir, settings, new_session=True, die_with_parent=True,
                          comment="Written by `anomon demo`. Every option is explained in deploy/anomon.toml.")
@@ -368,6 +374,8 @@ class Demo:
                  "model here; each line may have its own)")
         self.say(f"  metrics   {d.url}/metrics   (for Prometheus)")
         self.say(f"  alerts    {d.url}/alerts    (JSON, ?since=ID)")
+        self.say(f"  review    {d.url}/review    (judge the alerts in a browser: f = false alarm, d = defect; "
+                 f"the token is in {show(d.review_token)})")
         self.say(f"  health    {d.url}/readyz")
         m = d.metrics()
         threshold = m.get(f'anomon_score_threshold{{line="{LINES[0]}"}}')

@@ -362,7 +362,8 @@ def _item_html(it: J.Item, *, judging: bool, kept: Any) -> str:
         f'<article class="item st-{it.state}" id="{it.kind}-{it.id}" data-kind="{it.kind}" data-id="{it.id}" '
         f'data-state="{it.state}" tabindex="-1"><figure>{pic}</figure><div class="info">'
         f'<h2>{title}</h2><dl><dt>time</dt><dd>{_text(_when(it.time))}</dd>'
-        f'<dt>line</dt><dd>{_text(it.line)}</dd>{facts}<dt>model</dt><dd class="mono">{_text(it.model_id)}</dd>{wide}</dl>'
+        f'<dt>line</dt><dd>{_text(it.line)}</dd>{facts}<dt>model</dt><dd class="mono">{_text(it.model_id)}</dd>'
+        f'{wide}</dl>'
         f'<div class="judge"><span class="state">{_text(names[it.state])}</span>{who}'
         f'<span class="buttons">{buttons}</span></div></div></article>')
 
@@ -375,8 +376,8 @@ def render_page(found: list[J.Item], q: PageQuery, *, lines: list[str],
     state_opts = [("unreviewed", "unreviewed"), ("false_alarm", "false alarm"), ("defect", "defect"),
                   ("all", "all")]
     kind_opts = [("", "alerts and drift"), ("alert", "alerts"), ("drift", "drift alarms")]
-    tally = {s: sum(n for (k, ln, st), n in counts.items() if st == s and q.line in (None, ln))
-             for s in J.STATES}
+    tally = {s: sum(n for (k, ln, st), n in counts.items()
+                    if st == s and q.line in (None, ln) and q.kind in (None, k)) for s in J.STATES}
     reviewed = tally["false_alarm"] + tally["defect"]
     share = f" · {tally['false_alarm'] / reviewed:.0%} of reviewed were false" if reviewed else ""
     summary = (f'<span id="n-unreviewed">{tally["unreviewed"]}</span> unreviewed · <span id="n-false_alarm">'
@@ -477,7 +478,8 @@ _JS = r"""
   const names = {unreviewed: 'unreviewed', false_alarm: 'false alarm', defect: 'defect'};
   async function judge(el, j) {
     const token = sessionStorage.getItem('anomon-review-token'), who = localStorage.getItem('anomon-review-who');
-    if (!token || !who) { say('Enter your name and the review token first.'); (whoEl || document.body).focus(); return; }
+    if (!auth) { say('Read-only: judging is off on this daemon.'); return; }
+    if (!token || !who) { say('Enter your name and the review token first.'); whoEl.focus(); return; }
     let r, body;
     try {
       r = await fetch('/review/judge', {method: 'POST', headers: {'Content-Type': 'application/json',
