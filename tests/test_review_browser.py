@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def browser() -> Iterator[Any]:
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         _missing("selenium is not installed (pip install -c constraints.txt -e '.[test]')")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not go looking online
     opts = Options()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -87,7 +89,7 @@ def drop(d: Daemon, tiny_model: TinyModel, folder: str, names: list[str], normal
     returns {name: alert id}, newest alert first, once the daemon has raised them."""
     sub = d.watch / folder
     for i, name in enumerate(names):
-        tiny_model.anomalous_png(sub / name, hash((folder, i)) % 1000)
+        tiny_model.anomalous_png(sub / name, zlib.crc32(f"{folder}/{i}".encode()) % 1000)
     for i in range(normals):
         tiny_model.normal_png(sub / f"normal_{i}.png", i)
     want = {str((sub / n).resolve()) for n in names}
