@@ -30,6 +30,9 @@ at-least-once export of that table, caught up at start from a cursor:
   jump (an NTP step, a fixed RTC), while the time spent failing is measured on the monotonic
   clock and kept in the ledger across restarts. So a clock stepped forward expires nothing, and
   old alerts still go to a receiver that answers. Every drop is counted, never silent.
+
+Drift alarms (anomon.drift; the ledger's drift_alarms table) are exported the same way, with
+`"kind": "drift"` and their own cursors (anomaly alerts carry `"kind": "anomaly"`).
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class JsonlExporter(_ExportThread):
 
     name = "alerts-jsonl"
     CURSOR = "alerts_jsonl"
+    DRIFT_CURSOR = "alerts_jsonl_drift"  # drift alarms: lines with kind "drift", drift_alarm_id
     final_step = True
 
     EXPIRY_CHECK_S = 60.0  # how often rotated files are checked against max_age_s
@@ -147,6 +151,7 @@ class JsonlExporter(_ExportThread):
         self.state_dir = state_dir
         self.path = state_dir / JSONL_NAME
         self._cursor: int | None = None
+        self._drift_cursor: int | None = None
         self._max_bytes = max_bytes  # None: never rotated
         self._keep = keep_files
         self._max_age_s = max_age_s
@@ -157,6 +162,7 @@ class JsonlExporter(_ExportThread):
     def step(self) -> bool:
         if self._cursor is None:  # first step runs on this thread: the connection is ours
             self._cursor = max(last_jsonl_id(self.path), self._ledger.cursor(self.CURSOR))
+            self._drift_cursor = max(last_id(self.path, "drift_alarm_id"), self._ledger.cursor(self.DRIFT_CURSOR))
         alerts = self._ledger.alerts_after(self._cursor, 500)
         for a in alerts:
             if self._full():
@@ -165,6 +171,15 @@ class JsonlExporter(_ExportThread):
             self._cursor = a["id"]
         if alerts:
             self._ledger.set_cursor(self.CURSOR, self._cursor)
+        drifts = self._ledger.drift_alarms_after(self._drift_cursor, 500)  # type: ignore[arg-type]
+        for a in drifts:
+            if self._full():
+                self.rotate()
+            append_line(self.path, a)
+            self._drift_cursor = a["drift_alarm_id"]
+        if drifts:
+            self._ledger.set_cursor(self.DRIFT_CURSOR, self._drift_cursor)  # type: ignore[arg-type]
+        alerts = alerts + drifts
         if time.monotonic() >= self._next_expiry:
             self._next_expiry = time.monotonic() + self.EXPIRY_CHECK_S
             self.remove_old()
@@ -184,6 +199,8 @@ class JsonlExporter(_ExportThread):
         stopped, and the cursor must, or a restart would write those alerts again."""
         assert self._cursor is not None
         self._ledger.set_cursor(self.CURSOR, self._cursor)
+        if self._drift_cursor is not None:
+            self._ledger.set_cursor(self.DRIFT_CURSOR, self._drift_cursor)
         for n in range(self._keep, 0, -1):
             src = self.path if n == 1 else rotated_jsonl(self.state_dir, n - 1)
             try:
@@ -217,6 +234,11 @@ class JsonlExporter(_ExportThread):
         return removed
 
 
+def _what(alert: dict[str, Any]) -> str:
+    """How the log names an export: "alert 12", or "drift alarm 3"."""
+    return f"drift alarm {alert['drift_alarm_id']}" if alert.get("kind") == "drift" else f"alert {alert['id']}"
+
+
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -233,6 +255,7 @@ class WebhookSender(_ExportThread):
     # Milliseconds of failed delivery since the last answer, kept with the cursor (the exports
     # table) so a restart goes on counting toward max_age_s instead of starting from zero.
     FAILING = "webhook_failing_ms"
+    DRIFT_CURSOR = "webhook_drift"
 
     def __init__(self, ledger: Ledger, state_dir: Path, url: str, *, line: str = DEFAULT_LINE,
                  timeout_s: float = watch_default("webhook_timeout_s"),
@@ -247,6 +270,7 @@ class WebhookSender(_ExportThread):
             self.name = f"webhook:{line}"
             self.CURSOR = f"webhook:{line}"
             self.FAILING = f"webhook_failing_ms:{line}"
+            self.DRIFT_CURSOR = f"webhook_drift:{line}"
         super().__init__()
         self._ledger = ledger
         self.url = url
@@ -269,17 +293,23 @@ class WebhookSender(_ExportThread):
             if not self._deliver(a):
                 return False  # stopping
             self._ledger.set_cursor(self.CURSOR, a["id"])
-        return bool(alerts)
+        drifts = self._ledger.drift_alarms_after(self._ledger.cursor(self.DRIFT_CURSOR), 100, line=self.line)
+        for a in drifts:
+            if not self._deliver(a):
+                return False
+            self._ledger.set_cursor(self.DRIFT_CURSOR, a["drift_alarm_id"])
+        return bool(alerts or drifts)
 
     def _deliver(self, alert: dict[str, Any]) -> bool:
         """Send until accepted or dead-lettered; False only if asked to stop meanwhile."""
         body = json_line(alert).encode()
+        what = _what(alert)
         delay = 0.5
         while True:
             if self._expired(alert):
                 self._dead(alert, "expired", None, "")
                 return True
-            if self._backlog_bytes(alert["id"], len(body)) > self._max_spool_bytes:
+            if "id" in alert and self._backlog_bytes(alert["id"], len(body)) > self._max_spool_bytes:
                 self._dead(alert, "spool_full", None, "")
                 return True
             attempt_at = time.monotonic()
@@ -287,8 +317,8 @@ class WebhookSender(_ExportThread):
             if status is not None and 200 <= status < 300:
                 self._answered()
                 self._on_result("success")
-                log.info("webhook delivered alert %s", alert["id"],
-                         extra={"alert_id": alert["id"], "status": status})
+                log.info("webhook delivered %s", what, extra={"alert_id": alert.get("id"), "status": status,
+                                                              "drift_alarm_id": alert.get("drift_alarm_id")})
                 return True
             if status is not None and 400 <= status < 500 and status not in (408, 429):
                 self._answered()  # the receiver is there; it refused this alert
@@ -300,8 +330,9 @@ class WebhookSender(_ExportThread):
                 why = f"HTTP {status} redirect to {detail or '(no Location)'}, not followed: fix webhook_url"
             else:
                 why = detail if status is None else f"HTTP {status}"
-            log.warning("webhook: alert %s not delivered (%s); retrying in %.1f s", alert["id"], why,
-                        delay, extra={"alert_id": alert["id"], "status": status})
+            log.warning("webhook: %s not delivered (%s); retrying in %.1f s", what, why,
+                        delay, extra={"alert_id": alert.get("id"), "status": status,
+                                      "drift_alarm_id": alert.get("drift_alarm_id")})
             if self._sleep(delay):
                 self._failed(attempt_at)
                 return False
@@ -367,5 +398,6 @@ class WebhookSender(_ExportThread):
         append_line(self.dead_letter, {"at": iso(time.time()), "reason": reason, "status": status,
                                        "response": detail[:500], "alert": alert})
         self._on_result("dead_letter")
-        log.error("webhook: alert %s dead-lettered (%s), see %s", alert["id"], reason,
-                  self.dead_letter, extra={"alert_id": alert["id"], "reason": reason})
+        log.error("webhook: %s dead-lettered (%s), see %s", _what(alert), reason, self.dead_letter,
+                  extra={"alert_id": alert.get("id"), "drift_alarm_id": alert.get("drift_alarm_id"),
+                         "reason": reason})

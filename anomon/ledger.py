@@ -618,6 +618,10 @@ class Ledger:
         return alerts_after(self._conn, since_id, limit, ledger_id=self.ledger_id, epochs=self.epochs,
                             line=line)
 
+    def drift_alarms_after(self, since_id: int, limit: int = 1000, *,
+                           line: str | None = None) -> list[dict[str, Any]]:
+        return drift_alarms_after(self._conn, since_id, limit, ledger_id=self.ledger_id, line=line)
+
     def pending_alerts(self, since_id: int, *, line: str | None = None) -> int:
         """How many alerts (of `line`, or all) have an id above `since_id` (an exporter's backlog)."""
         if line is None:
@@ -888,13 +892,43 @@ def alerts_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
     only, args = ("AND " + column + " = ?", (since_id, line, limit)) if line is not None else ("", (since_id, limit))
     for r in conn.execute(_ALERT_SQL.format(line=column, only=only), args):
         out.append({
-            "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
+            "kind": "anomaly", "id": r["id"], "key": alert_key(lid, r["id"], epoch_of(eps, r["id"])),
             "time": iso(r["created_at"]),
             "created_at": r["created_at"], "line": r["line"], "path": from_db_path(r["path"]),
             "score": r["score"],
             "p_value": r["p_value"], "threshold": r["threshold"], "model_id": r["model_id"],
             "sha256": r["sha256"], "size": r["size"], "image_id": r["image_id"],
             "anomaly_image": from_db_path(r["anomaly_image"]), "heatmap": from_db_path(r["heatmap"]),
+        })
+    return out
+
+
+def drift_alarm_key(ledger_id: str, alarm_id: int, raised_at: float) -> str:
+    """The Idempotency-Key of a drift alarm: `anomon-<ledger_id>-drift-<id>-<raised_at in ms>`.
+    The time is in it because drift alarm ids are not guarded against a restored ledger the way
+    alert ids are (see Ledger.open); two alarms never share the id and the millisecond."""
+    return f"anomon-{ledger_id}-drift-{alarm_id}-{int(round(raised_at * 1000))}"
+
+
+def drift_alarms_after(conn: sqlite3.Connection, since_id: int, limit: int = 1000, *,
+                       ledger_id: str | None = None, line: str | None = None) -> list[dict[str, Any]]:
+    """Drift alarms with id > since_id (of `line`, or all), oldest first, as JSON-ready dicts
+    (`kind` "drift"; they go to alerts.jsonl and the webhook beside the anomaly alerts)."""
+    lid = ledger_id if ledger_id is not None else ledger_id_of(conn)
+    sql = ("SELECT id, line, raised_at, model_id, log10_martingale, alpha, images, direction, image_id, "
+           "reset_at FROM drift_alarms WHERE id > ?")
+    args: list[Any] = [since_id]
+    if line is not None:
+        sql += " AND line = ?"
+        args.append(line)
+    out = []
+    for r in conn.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)):
+        out.append({
+            "kind": "drift", "drift_alarm_id": r["id"], "key": drift_alarm_key(lid, r["id"], r["raised_at"]),
+            "time": iso(r["raised_at"]), "created_at": r["raised_at"], "line": r["line"],
+            "model_id": r["model_id"], "direction": r["direction"],
+            "log10_martingale": r["log10_martingale"], "alpha": r["alpha"], "images": r["images"],
+            "image_id": r["image_id"], "reset_at": iso(r["reset_at"]),
         })
     return out
 

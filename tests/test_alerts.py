@@ -270,3 +270,52 @@ def test_a_torn_dead_letter_line_is_cut_before_the_next_append(ledger: Ledger, t
 
 
 # -- anomalies folder ------------------------------------------------------------------------------
+
+
+# -- lines and drift alarms ------------------------------------------------------------------------
+
+
+def _drift_alarm(led: Ledger, line: str, i: int) -> None:
+    from anomon.ledger import DriftAlarm, DriftRecord
+
+    v = Verdict(path=f"/{line}/d{i}.png", line=line, verdict="normal", arrived_at=1.0, scored_at=time.time(),
+                size=1, mtime_ns=i, sha256=f"d{line}{i}", score=0.5, threshold=1.0)
+    alarm = DriftAlarm(line=line, raised_at=time.time(), model_id="m", log10_martingale=2.2, alpha=0.01,
+                       images=400 + i, direction="higher", at=v)
+    led.record([v], drift=DriftRecord(line, "{}", alarm=alarm))
+
+
+def test_drift_alarms_go_to_alerts_jsonl_once_beside_the_anomaly_alerts(ledger: Ledger, tmp_path: Path) -> None:
+    _alerting(ledger, 2)
+    _drift_alarm(ledger, "default", 1)
+    JsonlExporter(ledger, tmp_path).step()
+    _drift_alarm(ledger, "default", 2)
+    JsonlExporter(ledger, tmp_path).step()  # a restart: neither kind is written twice
+    lines = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["kind"], a.get("id"), a.get("drift_alarm_id")) for a in lines] == [
+        ("anomaly", 1, None), ("anomaly", 2, None), ("drift", None, 1), ("drift", None, 2)]
+    drift = lines[2]
+    assert drift["line"] == "default" and drift["direction"] == "higher" and drift["images"] == 401
+    assert drift["key"].startswith(f"anomon-{ledger.ledger_id}-drift-1-") and drift["key"] != lines[3]["key"]
+    assert last_jsonl_id(tmp_path / "alerts.jsonl") == 2  # the anomaly alerts' resume point is unchanged
+
+
+def test_each_lines_webhook_gets_its_lines_alerts_and_drift_alarms(ledger: Ledger, tmp_path: Path) -> None:
+    ledger.record([Verdict(path=f"/{ln}/a.png", line=ln, verdict="anomalous", arrived_at=1.0,
+                           scored_at=time.time(), size=1, mtime_ns=1, sha256=f"a{ln}", score=9.0, threshold=1.0)
+                   for ln in ("default", "weld")])
+    _drift_alarm(ledger, "weld", 1)
+    rx_default, rx_weld = WebhookReceiver([200]), WebhookReceiver([200])
+    results: list[str] = []
+    try:
+        assert _sender(ledger, tmp_path, rx_default.url, results).step()
+        assert _sender(ledger, tmp_path, rx_weld.url, results, line="weld").step()
+        assert [(b["kind"], b["line"]) for _, _, b in rx_default.got] == [("anomaly", "default")]
+        assert [(b["kind"], b["line"]) for _, _, b in rx_weld.got] == [("anomaly", "weld"), ("drift", "weld")]
+        # Each line has its own cursors: the line `default` keeps the names from before lines.
+        assert ledger.cursor("webhook") == 1 and ledger.cursor("webhook:weld") == 2
+        assert ledger.cursor("webhook_drift:weld") == 1
+        assert not _sender(ledger, tmp_path, rx_weld.url, results, line="weld").step()  # nothing twice
+    finally:
+        rx_default.close()
+        rx_weld.close()

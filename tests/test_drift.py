@@ -10,6 +10,7 @@ and a new model reset it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -270,6 +271,12 @@ def test_images_drifting_brighter_raise_a_drift_alarm_kept_across_a_kill_9_and_r
     assert shifted_before <= 40, f"alarm after {shifted_before} brighter images"
     assert any(line.get("level") == "warning" and line.get("msg", "").startswith("DRIFT")
                and "higher" in line["msg"] for line in d.log_lines())
+    # exported like the anomaly alerts: a line of kind "drift" in alerts.jsonl
+    exported = lambda: [json.loads(x) for x in (d.state / "alerts.jsonl").read_text().splitlines()]  # noqa: E731
+    d.wait_for(lambda: (d.state / "alerts.jsonl").exists() and any(a["kind"] == "drift" for a in exported()),
+               10, "the drift alarm in alerts.jsonl")
+    (line,) = [a for a in exported() if a["kind"] == "drift"]
+    assert line["drift_alarm_id"] == alarm["id"] and line["direction"] == "higher" and line["line"] == "default"
 
     # kill -9 while brighter images are still being scored; the restart resumes the evidence,
     # and every normal verdict is bet on exactly once (state and verdicts share a transaction)
