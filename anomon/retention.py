@@ -21,8 +21,10 @@ again at the same path count as a new image. A file counts as gone only when its
 and not empty, so a network share that is not mounted, or a folder moved away, forgets nothing.
 
 Small transactions: SQLite has one writer at a time, and the scoring worker commits a batch every
-few milliseconds under load. Each pruning transaction deletes at most `BATCH` rows (a few
-milliseconds) and the thread pauses between them, so a verdict waits for at most one batch.
+few milliseconds under load. Each pruning transaction deletes at most `BATCH` rows, fewer when the
+disk is slow: the batch is sized to take about `TARGET_S` (1,000 rows took 120-280 ms with fsync
+on a shared VM, bench/results/disk_usage.md), and the thread pauses between transactions, so a
+verdict waits for at most one short transaction.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from anomon.ledger import Ledger
 
 log = logging.getLogger("anomon.retention")
 
-BATCH = 1000          # image rows per pruning transaction
+BATCH = 1000          # image rows per pruning transaction, at most
+MIN_BATCH = 50
+TARGET_S = 0.05       # what one pruning transaction should take: the scoring worker waits that long
 PAUSE_S = 0.05        # between transactions: the scoring worker's commits go first
 FORGET_CHECKS = 2000  # pruned images' paths stat'ed per pass (round robin over all of them)
 FIRST_PASS_S = 30.0   # the first pass after start, at the latest
@@ -153,11 +157,14 @@ class Retention:
         older = now - self.policy.max_age_s if self.policy.max_age_s is not None else None
         upper, below = self._ledger.prune_bounds(older, self.policy.max_images)
         after = 0
+        limit = min(self._batch, 200)  # then sized to take about TARGET_S
         while upper > after:
             b0 = time.monotonic()
             got = self._ledger.prune_images(after, upper, below, older, cursors=self._cursors,
-                                            line_cursors=self._line_cursors, limit=self._batch)
-            r.longest_s = max(r.longest_s, time.monotonic() - b0)
+                                            line_cursors=self._line_cursors, limit=limit)
+            took = time.monotonic() - b0
+            r.longest_s = max(r.longest_s, took)
+            limit = int(min(self._batch, max(MIN_BATCH, limit * TARGET_S / max(took, 1e-3))))
             r.batches += 1
             r.images += got.images
             r.alerts += got.alerts
