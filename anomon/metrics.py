@@ -19,6 +19,7 @@ children through `Metrics.line(name)`, a `LineMetrics` made once per line.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,7 @@ class LineMetrics:
     webhook_deliveries: dict[str, Any]
     p_value: Any
     drift_log10: Any
+    drift_level: Any
     drift_images: Any
     drift_alarms: Any
     drift_resets: dict[str, Any]
@@ -113,6 +115,9 @@ class LineMetrics:
         self.model_info.info({"model_id": model_id, "image_size": image_size, "channels": str(channels)})
         self.score_threshold.set(threshold)
         self.up.set(1)
+
+    def set_drift_alpha(self, alpha: float) -> None:
+        self.drift_level.set(-math.log10(alpha))
 
 
 class Metrics:
@@ -202,6 +207,10 @@ class Metrics:
             "log10 of the drift test's martingale: the evidence that the images judged normal no "
             "longer look like the calibration images, gathered since the last reset (0 at a reset; "
             "log10(1/drift_alpha) = an alarm, 2 at the default 0.01).", L, registry=r)
+        self.drift_level = Gauge(
+            "anomon_drift_alarm_level_log10",
+            "log10(1/drift_alpha) of the line: the value of anomon_drift_martingale_log10 at which "
+            "its drift test raises an alarm (2 at the default drift_alpha 0.01).", L, registry=r)
         self.drift_images = Gauge(
             "anomon_drift_images",
             "Images judged normal that the drift test has seen since its last reset.", L, registry=r)
@@ -263,6 +272,7 @@ class Metrics:
             webhook_deliveries={x: self.webhook_deliveries.labels(line=name, result=x) for x in WEBHOOK_RESULTS},
             p_value=self.p_value.labels(line=name),
             drift_log10=self.drift_log10.labels(line=name),
+            drift_level=self.drift_level.labels(line=name),
             drift_images=self.drift_images.labels(line=name),
             drift_alarms=self.drift_alarms.labels(line=name),
             drift_resets={x: self.drift_resets.labels(line=name, reason=x) for x in DRIFT_RESET_REASONS},

@@ -202,6 +202,7 @@ class Service:
                                     for n, ln in self.lines.items()})
         for ln in self.lines.values():
             ln.metrics = m.line(ln.name)
+            ln.metrics.set_drift_alpha(ln.cfg.drift_alpha or cfg.drift_alpha)
             if ln.detector is not None:
                 det = ln.detector
                 ln.metrics.set_model(det.model_id, det.size_label, det.channels, det.threshold_)

@@ -62,6 +62,7 @@ DAEMON_METRICS: dict[str, str] = {
     "anomon_ready": "gauge",
     "anomon_p_value": "histogram",
     "anomon_drift_martingale_log10": "gauge",
+    "anomon_drift_alarm_level_log10": "gauge",
     "anomon_drift_images": "gauge",
     "anomon_drift_alarms_total": "counter",
     "anomon_drift_resets_total": "counter",
@@ -329,15 +330,20 @@ def test_every_alert_about_images_names_its_line() -> None:
     assert {"AnomonAnomalyRateHigh", "AnomonScoringStalled", "AnomonDrift", "AnomonLineDown"} <= two_lines
 
 
-def test_drift_alert_level_is_the_daemons_default_alpha() -> None:
-    """AnomonDrift fires where the daemon raises its own alarm: log10 of the martingale at
-    log10(1 / drift_alpha), drift_alpha as anomon.toml ships it (and as WatchConfig defaults it)."""
+def test_drift_alert_level_is_the_daemons_own_per_line() -> None:
+    """AnomonDrift fires where the daemon raises its own alarm: the martingale (log10) at each
+    line's exported level, log10(1 / drift_alpha), never at a level written into the rule."""
     (rule,) = [a for a in alert_rules() if a["alert"] == "AnomonDrift"]
-    m = re.fullmatch(r'anomon_drift_martingale_log10\{job="anomon"\} >= ([0-9.]+)', rule["expr"].strip())
-    assert m, rule["expr"]
-    alpha = load_watch_config(EXAMPLE_CONFIG, {}).drift_alpha
-    assert alpha == WatchConfig.model_fields["drift_alpha"].default == 0.01
-    assert float(m.group(1)) == pytest.approx(-math.log10(alpha))
+    expr = " ".join(rule["expr"].split())
+    assert expr == ('anomon_drift_martingale_log10{job="anomon"} >= on (job, instance, line) '
+                    'anomon_drift_alarm_level_log10{job="anomon"}'), expr
+    from anomon.metrics import Metrics
+
+    m = Metrics({"default": 1.0})
+    m.line("default").set_drift_alpha(0.001)
+    from prometheus_client import generate_latest
+
+    assert 'anomon_drift_alarm_level_log10{line="default"} 3.0' in generate_latest(m.registry).decode()
     assert rule["for"] == "0m"  # the martingale is already a sequential test: no waiting on top
 
 
@@ -549,19 +555,22 @@ def test_every_panel_is_filtered_by_line() -> None:
 
 def test_drift_panel_shows_each_lines_martingale_and_the_alarm_level() -> None:
     (panel,) = [p for p, t in dashboard_targets() if "anomon_drift_martingale_log10" in t["expr"]]
-    (target,) = panel["targets"]
+    target, level_target = panel["targets"]
     assert target["expr"] == ('anomon_drift_martingale_log10'
                               '{job="anomon", instance=~"$instance", line=~"$line"}')
     assert "{{line}}" in target["legendFormat"]
-    defaults = panel["fieldConfig"]["defaults"]
-    # The alarm level is drawn: a red threshold at log10(1 / drift_alpha), as AnomonDrift fires.
+    # Each line's alarm level is drawn (dashed, red) from the daemon's own gauge, the series
+    # AnomonDrift compares the evidence with: a line with its own drift_alpha shows its own level.
+    assert level_target["expr"] == ('anomon_drift_alarm_level_log10'
+                                    '{job="anomon", instance=~"$instance", line=~"$line"}')
+    assert "{{line}}" in level_target["legendFormat"]
+    (override,) = [o for o in panel["fieldConfig"]["overrides"]
+                   if o["matcher"] == {"id": "byFrameRefID", "options": level_target["refId"]}]
+    props = {p["id"]: p["value"] for p in override["properties"]}
+    assert props["custom.lineStyle"]["fill"] == "dash" and props["color"]["fixedColor"] == "red"
     level = -math.log10(WatchConfig.model_fields["drift_alpha"].default)
-    steps = defaults["thresholds"]["steps"]
-    assert [s["value"] for s in steps] == [None, pytest.approx(level)] and steps[1]["color"] == "red"
-    assert defaults["custom"]["thresholdsStyle"]["mode"] != "off"
+    defaults = panel["fieldConfig"]["defaults"]
     assert defaults["custom"]["axisSoftMax"] > level  # the level is on screen before the curve gets there
-    (rule,) = [a for a in alert_rules() if a["alert"] == "AnomonDrift"]
-    assert rule["expr"].strip().endswith(f">= {level:g}")
     assert "alarm level" in panel["title"] and "log10(1/drift_alpha)" in panel["description"]
     # When alarms were raised and tests reset, as markers on the time axis.
     exprs = {a["name"]: a["expr"] for a in dashboard_annotations()}
