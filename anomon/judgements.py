@@ -326,10 +326,10 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else None
 
 
-def counts(conn: sqlite3.Connection, *, kinds: tuple[str, ...] = KINDS,
-           alerts_after: int = 0) -> dict[tuple[str, str, str], int]:
+def counts(conn: sqlite3.Connection, *, kinds: tuple[str, ...] = KINDS, alerts_after: int = 0,
+           upto: int | None = None) -> dict[tuple[str, str, str], int]:
     """{(kind, line, state): n}, every state of every line present (0s included), for the metrics
-    and the page's header; `alerts_after` counts only the alerts above that id (see Tally)."""
+    and the page's header; `alerts_after` and `upto` bound the alerts' ids (see Tally)."""
     have = _tables(conn)
     out: dict[tuple[str, str, str], int] = {}
     join = " LEFT JOIN judgements j ON j.kind = '{kind}' AND j.item_id = {alias}.id" if "judgements" in have else ""
@@ -338,7 +338,8 @@ def counts(conn: sqlite3.Connection, *, kinds: tuple[str, ...] = KINDS,
     if "alert" in kinds:
         queries.append(("alert", f"SELECT i.{line_column(conn)}, {state}, COUNT(*) FROM alerts a "
                                  "JOIN images i ON i.id = a.image_id" + join.format(kind="alert", alias="a")
-                        + f" WHERE a.id > {int(alerts_after)} GROUP BY 1, 2"))
+                        + f" WHERE a.id > {int(alerts_after)}"
+                        + (f" AND a.id <= {int(upto)}" if upto is not None else "") + " GROUP BY 1, 2"))
     if "drift" in kinds and "drift_alarms" in have:
         queries.append(("drift", f"SELECT d.line, {state}, COUNT(*) FROM drift_alarms d"
                         + join.format(kind="drift", alias="d") + " GROUP BY 1, 2"))
@@ -353,9 +354,10 @@ def counts(conn: sqlite3.Connection, *, kinds: tuple[str, ...] = KINDS,
 class Tally:
     """`counts` kept up to date cheaply, for a page and a /metrics scrape that both ask often.
 
-    Counting every alert by line joins each one to its image: 0.2 s for 100,000 alerts. Alerts
-    only ever arrive (with higher ids), so between judgements only the new ones are counted and
-    added; a change in the audit trail (any judgement, by anyone) counts everything again."""
+    Counting every alert by line joins each one to its image: 0.2 s for 100,000 alerts. New
+    alerts come with higher ids, so between judgements only those are counted and added. Anything
+    else counts everything again: a change in the audit trail (any judgement, by anyone), or a
+    total that no longer adds up (retention pruned old alerts; another ledger)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -369,12 +371,17 @@ class Tally:
                     if "judgement_audit" in have else 0)
         top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0]
         with self._lock:
-            if audit_id != self._audit or top < self._upto:  # judged, or another ledger
-                self._alerts, self._upto, self._audit = counts(conn, kinds=("alert",)), top, audit_id
-            elif top > self._upto:
-                for key, n in counts(conn, kinds=("alert",), alerts_after=self._upto).items():
-                    self._alerts[key] = self._alerts.get(key, 0) + n
-                self._upto = top
+            if audit_id == self._audit and top >= self._upto:
+                if top > self._upto:
+                    for key, n in counts(conn, kinds=("alert",), alerts_after=self._upto, upto=top).items():
+                        self._alerts[key] = self._alerts.get(key, 0) + n
+                    self._upto = top
+                total = conn.execute("SELECT COUNT(*) FROM alerts WHERE id <= ?", (top,)).fetchone()[0]
+                stale = total != sum(self._alerts.values())
+            else:
+                stale = True
+            if stale:
+                self._alerts, self._upto, self._audit = counts(conn, kinds=("alert",), upto=top), top, audit_id
             out = dict(self._alerts)
         out.update(counts(conn, kinds=("drift",)))  # a handful of rows
         return out

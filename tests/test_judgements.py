@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,11 @@ def test_the_tally_counts_new_alerts_and_any_judgement_like_a_full_count(state: 
     J.judge(led, "alert", 5, "false_alarm", "ana")
     assert same()[("alert", "l1", "false_alarm")] == 1
     writer.close()
+    conn = sqlite3.connect(led)  # retention prunes an old alert that nobody judged
+    with conn:
+        conn.execute("DELETE FROM alerts WHERE id = 2")
+    conn.close()
+    assert same()[("alert", "l1", "unreviewed")] == 0
 
 
 def test_filters_and_pages_cover_every_item_once(tmp_path: Path) -> None:
