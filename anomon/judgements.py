@@ -181,7 +181,6 @@ class Item:
     alpha: float | None = None
     images: int | None = None
     direction: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -334,7 +334,9 @@ def _item_html(it: J.Item, *, judging: bool, kept: Any) -> str:
                f'<kbd>d</kbd></button><button type="button" data-j=""{off}>Unreviewed <kbd>u</kbd></button>')
     if it.kind == "alert":
         name = os.path.basename(it.path or "")
-        has_heat, has_image = kept(it.heatmap), kept(it.anomaly_image)
+        # Browsers show no TIFF: such an image is only opened (downloaded) with `o`.
+        shown = os.path.splitext(it.anomaly_image or "")[1].lower() not in (".tif", ".tiff")
+        has_heat, has_image = kept(it.heatmap), shown and kept(it.anomaly_image)
         if has_heat or has_image:
             first = "heatmap" if has_heat else "image"
             pic = (f'<img class="shot" src="/review/{first}/{it.id}" loading="lazy" alt="{_text(first)} of '

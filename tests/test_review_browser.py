@@ -134,6 +134,10 @@ def test_dropped_files_are_listed_newest_first_and_a_script_name_is_text(browser
                                                                         tiny_model: TinyModel, tmp_path: Path) -> None:
     from selenium.common.exceptions import NoAlertPresentException
 
+    m = daemon.metrics()  # the judgement series exist from the start, at zero
+    for state in ("unreviewed", "false_alarm", "defect"):
+        assert m[f'anomon_alert_judgements{{judgement="{state}",line="default"}}'] == 0
+        assert m[f'anomon_reviews_total{{judgement="{state}"}}'] == 0
     ids = drop(daemon, tiny_model, "listing", ["part_1.png", "part_2.png", EVIL], normals=3)
     browser.get(daemon.url + "/review?kind=alert")
     shown = [e.get_attribute("id") for e in browser.find_elements("css selector", "article.item")]
