@@ -203,7 +203,7 @@ def _ids(state_dir: Path) -> list[int]:
     out = []
     for f in [*files, state_dir / "alerts.jsonl"]:
         if f.exists():
-            out += [json.loads(line)["id"] for line in f.read_text().splitlines()]
+            out += [x["id"] for x in map(json.loads, f.read_text().splitlines()) if x.get("kind") != "drift"]
     return out
 
 
@@ -318,3 +318,18 @@ def test_daemon_prunes_in_the_background_and_never_scores_a_pruned_file_again(da
     assert d.stop() == 0
     passes = [r for r in d.log_lines() if str(r.get("msg", "")).startswith("retention pass")]
     assert passes and any(r.get("retention_images") for r in passes)
+
+
+def test_rotation_keeps_drift_alarms_once_too(led: Ledger) -> None:
+    sd = led.path.parent
+    for k in range(6):
+        vs = [_v(f"/in/{k}-{i}.png", 10 * k + i, verdict="anomalous") for i in range(2)]
+        alarm = DriftAlarm(line="default", raised_at=NOW + k, model_id="m", log10_martingale=2.1, alpha=0.01,
+                           images=100, at=vs[0])
+        led.record(vs, drift=DriftRecord("default", "{}", alarm=alarm))
+    JsonlExporter(led.reopen(), sd, max_bytes=1024, keep_files=50).step()
+    JsonlExporter(led.reopen(), sd, max_bytes=1024, keep_files=50).step()  # a restart: nothing again
+    lines = [json.loads(x) for f in sorted(sd.glob("alerts.jsonl*")) for x in f.read_text().splitlines()]
+    drift = sorted(x["drift_alarm_id"] for x in lines if x.get("kind") == "drift")
+    assert drift == list(range(1, 7)) and sorted(_ids(sd)) == list(range(1, 13))
+    assert len(list(sd.glob("alerts.jsonl.*"))) >= 4
