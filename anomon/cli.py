@@ -391,7 +391,8 @@ def cmd_verdicts(args: argparse.Namespace) -> int:
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
     try:
         since = parse_since(args.since) if args.since else None
-        write_verdicts(Path(args.state), sys.stdout, since=since, anomalous_only=args.anomalous_only, fmt=fmt)
+        write_verdicts(Path(args.state), sys.stdout, since=since, anomalous_only=args.anomalous_only, fmt=fmt,
+                       line=args.line)
     except VerdictsError as e:
         raise UserError(str(e)) from None
     return 0
@@ -593,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--state", metavar="DIR", required=True, help="the daemon's state folder")
     v.add_argument("--since", metavar="TIME", help="ISO date/time (UTC), a duration back (2h, 30m), or Unix time (default: all)")
     v.add_argument("--anomalous-only", action="store_true", help="only anomalous verdicts")
+    v.add_argument("--line", metavar="NAME", help="only this line's verdicts (default: every line)")
     v.add_argument("--format", choices=("jsonl", "csv", "table"), help="output format (default: table on a terminal, else jsonl)")
     v.set_defaults(func=cmd_verdicts)
 

@@ -934,7 +934,7 @@ def drift_alarms_after(conn: sqlite3.Connection, since_id: int, limit: int = 100
 
 
 def verdict_rows(conn: sqlite3.Connection, *, since: float | None = None,
-                 anomalous_only: bool = False) -> Iterator[dict[str, Any]]:
+                 anomalous_only: bool = False, line: str | None = None) -> Iterator[dict[str, Any]]:
     """Every recorded image, oldest verdict first."""
     sql = (f"SELECT id, path, {line_column(conn)} AS line, size, sha256, model_id, score, p_value, "
            "threshold, verdict, reason, message, arrived_at, scored_at FROM images WHERE 1 = 1")
@@ -944,6 +944,9 @@ def verdict_rows(conn: sqlite3.Connection, *, since: float | None = None,
         args.append(since)
     if anomalous_only:
         sql += " AND verdict = 'anomalous'"
+    if line is not None:
+        sql += f" AND {line_column(conn)} = ?"
+        args.append(line)
     sql += " ORDER BY scored_at, id"
     for r in conn.execute(sql, args):
         d = dict(r)

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from anomon.ledger import LedgerError, json_line, open_readonly, verdict_rows
 from anomon.state import ledger_path
 
-FIELDS = ["id", "scored", "verdict", "score", "p_value", "threshold", "reason", "model_id", "path",
+FIELDS = ["id", "scored", "line", "verdict", "score", "p_value", "threshold", "reason", "model_id", "path",
           "arrived", "size", "sha256", "message"]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -53,28 +53,28 @@ def _shown(path: str) -> str:
 
 def _table(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
     n = 0
-    out.write(f"{'scored (UTC)':<24} {'verdict':<10} {'score':>10} {'p-value':>8}  {'model':<16} path\n")
+    out.write(f"{'scored (UTC)':<24} {'line':<12} {'verdict':<10} {'score':>10} {'p-value':>8}  {'model':<16} path\n")
     for r in rows:
         verdict = r["verdict"].upper() if r["verdict"] == "anomalous" else r["verdict"]
         if r["verdict"] == "error":
             verdict = f"error:{r['reason']}"
         score = f"{r['score']:.5g}" if r["score"] is not None else ""
         p = f"{r['p_value']:.4f}" if r["p_value"] is not None else ""
-        out.write(f"{r['scored']:<24} {verdict:<10} {score:>10} {p:>8}  {r['model_id'] or '':<16} "
+        out.write(f"{r['scored']:<24} {r['line']:<12} {verdict:<10} {score:>10} {p:>8}  {r['model_id'] or '':<16} "
                   f"{_shown(r['path'])}\n")
         n += 1
     return n
 
 
 def write_verdicts(state_dir: Path, out: TextIO, *, since: float | None = None,
-                   anomalous_only: bool = False, fmt: str = "jsonl") -> int:
+                   anomalous_only: bool = False, fmt: str = "jsonl", line: str | None = None) -> int:
     """Write every matching record to `out`; returns how many."""
     try:
         conn = open_readonly(ledger_path(state_dir))
     except LedgerError as e:
         raise VerdictsError(f"{e} (is --state the daemon's state folder?)") from None
     try:
-        rows = verdict_rows(conn, since=since, anomalous_only=anomalous_only)
+        rows = verdict_rows(conn, since=since, anomalous_only=anomalous_only, line=line)
         if fmt == "table":
             return _table(rows, out)
         n = 0
