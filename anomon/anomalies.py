@@ -7,6 +7,8 @@ it records an anomaly, bounded by size; the ledger keeps the verdicts regardless
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +16,19 @@ from PIL import Image
 
 
 class AnomalyStore:
-    """Copies of anomalous images and their heat-map overlays, bounded by total size.
+    """Copies of anomalous images and their heat-map overlays, bounded by total size and age.
 
     Names start with the image's content hash, so scoring the same image again after a crash
     overwrites the same files instead of adding new ones. When the total passes `max_bytes`, the
-    oldest files go first. The ledger keeps the verdicts regardless; these are for people.
+    oldest files go first; so do files older than `max_age_s` (retention, anomon.retention, which
+    calls prune() from its own thread: a lock keeps the books). The ledger keeps the verdicts
+    regardless; these are for people.
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, max_age_s: float | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
         root.mkdir(parents=True, exist_ok=True)
         files = []
         for p in root.iterdir():
@@ -33,7 +38,9 @@ class AnomalyStore:
         files.sort()
         # Oldest first; a dict keeps insertion order and lets a rewritten file move to the end.
         self._files: dict[Path, int] = {p: s for _, p, s in files}
+        self._mtimes: dict[Path, float] = {p: t / 1e9 for t, p, _ in files}
         self._total = sum(self._files.values())
+        self._lock = threading.Lock()
 
     def save(self, path: str, sha256: str, data: bytes, img: Image.Image, amap: np.ndarray, *,
              vmax: float, vmin: float = 0.0) -> tuple[str, str]:
@@ -56,19 +63,34 @@ class AnomalyStore:
         self._add(tmp, dest)
 
     def _add(self, tmp: Path, dest: Path) -> None:
-        os.replace(tmp, dest)
-        self._total -= self._files.pop(dest, 0)
-        self._files[dest] = size = dest.stat().st_size
-        self._total += size
+        with self._lock:
+            os.replace(tmp, dest)
+            self._total -= self._files.pop(dest, 0)
+            self._mtimes.pop(dest, None)
+            st = dest.stat()
+            self._files[dest] = st.st_size
+            self._mtimes[dest] = st.st_mtime
+            self._total += st.st_size
 
-    def prune(self) -> None:
-        while self._total > self.max_bytes and self._files:
-            p = next(iter(self._files))
-            self._total -= self._files.pop(p)
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+    def prune(self, now: float | None = None) -> int:
+        """Remove the oldest files while over `max_bytes`, and every file older than `max_age_s`;
+        returns how many went for their age."""
+        cutoff = None if self.max_age_s is None else (time.time() if now is None else now) - self.max_age_s
+        expired = 0
+        with self._lock:
+            while self._files:
+                p = next(iter(self._files))
+                old = cutoff is not None and self._mtimes.get(p, 0.0) < cutoff
+                if not old and self._total <= self.max_bytes:
+                    break
+                expired += old
+                self._total -= self._files.pop(p)
+                self._mtimes.pop(p, None)
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+        return expired
 
     @property
     def total_bytes(self) -> int:

@@ -145,7 +145,7 @@ class WatchConfig(BaseModel):
     # Image rows older than retention_max_age_days, or beyond the newest retention_max_images, are
     # pruned in the background (their alerts too, once exported; judged alerts and drift alarms are
     # kept); a pruned image's file still in a folder is never scored again. Rotated alerts.jsonl
-    # files older than retention_max_age_days are removed.
+    # files and anomaly copies older than retention_max_age_days are removed.
     retention_max_age_days: float | None = Field(None, gt=0)
     retention_max_images: int | None = Field(None, ge=1)
     retention_interval_s: float = Field(300.0, gt=0)  # how often a pruning pass runs

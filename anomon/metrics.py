@@ -239,6 +239,11 @@ class Metrics:
         self.retention_forgotten = Counter(
             "anomon_retention_forgotten_total",
             "Records of pruned images dropped because their file had left the watched folder.", registry=r)
+        self.retention_anomaly_files = Counter(
+            "anomon_retention_anomaly_files_total",
+            "Anomaly copies and heat maps removed from STATE/anomalies/ for being older than "
+            "retention_max_age_days (anomalies_max_bytes removes the oldest beyond it, uncounted).",
+            registry=r)
         self.retention_jsonl_rotations = Counter(
             "anomon_retention_jsonl_rotations_total",
             "alerts.jsonl rotations (it reached alerts_jsonl_max_bytes).", registry=r)

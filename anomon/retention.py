@@ -5,7 +5,8 @@ What grows, and what bounds it:
   newest `retention_max_images` are deleted by this thread, with their alerts;
 - alerts.jsonl: rotated by its exporter at `alerts_jsonl_max_bytes` (anomon.alerts.JsonlExporter),
   which also removes rotated files older than the retention age;
-- anomaly copies: already bounded by `anomalies_max_bytes` (anomon.anomalies).
+- anomaly copies: bounded by `anomalies_max_bytes` (anomon.anomalies), and by the retention age:
+  each pass asks the store to remove copies and heat maps older than it.
 
 What is never pruned, whatever its age: an alert an exporter has not handled yet (its id above the
 alerts.jsonl cursor, or above its line's webhook cursor: pruning it would lose it), an alert an
@@ -82,6 +83,7 @@ class PassResult:
     alerts: int = 0
     held: int = 0         # old enough but kept (alert not exported yet or judged, drift alarm)
     forgotten: int = 0    # records of pruned images whose file has gone
+    copies: int = 0       # anomaly copies and heat maps removed for their age
     batches: int = 0
     longest_s: float = 0.0  # the longest pruning transaction
     seconds: float = 0.0
@@ -112,7 +114,8 @@ class Retention:
     def __init__(self, ledger: Ledger, policy: Policy, *, cursors: Sequence[str] = (),
                  line_cursors: Mapping[str, str] | None = None, interval_s: float = 300.0,
                  batch: int = BATCH, pause_s: float = PAUSE_S, forget_checks: int = FORGET_CHECKS,
-                 on_pass: Callable[[PassResult], None] = lambda r: None) -> None:
+                 on_pass: Callable[[PassResult], None] = lambda r: None,
+                 prune_copies: Callable[[], int] | None = None) -> None:
         self._ledger = ledger
         self.policy = policy
         self._cursors = list(cursors)
@@ -122,6 +125,7 @@ class Retention:
         self._pause_s = pause_s
         self._forget_checks = forget_checks
         self._on_pass = on_pass
+        self._prune_copies = prune_copies  # AnomalyStore.prune: removes copies past the age
         self._forget_after: str | bytes | None = None  # where the round robin over pruned paths is
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="anomon-retention", daemon=True)
@@ -173,14 +177,17 @@ class Retention:
             if got.done or self._stop.wait(self._pause_s):
                 break
         r.forgotten = self._forget()
+        if self._prune_copies is not None:
+            r.copies = self._prune_copies()
         r.seconds = time.monotonic() - t0
         self._on_pass(r)
         log.info("retention pass: pruned %d image row(s) and %d alert(s) (%s) in %d transaction(s), the "
                  "longest %.0f ms; kept %d old one(s) (alert not yet exported, or judged; drift alarm); "
-                 "forgot %d pruned image(s) whose file has gone; %.2f s", r.images, r.alerts,
-                 self.policy.describe(), r.batches, r.longest_s * 1000, r.held, r.forgotten, r.seconds,
-                 extra={"retention_images": r.images, "retention_alerts": r.alerts,
-                        "retention_held": r.held, "retention_forgotten": r.forgotten})
+                 "forgot %d pruned image(s) whose file has gone; removed %d anomaly file(s) past the age; "
+                 "%.2f s", r.images, r.alerts, self.policy.describe(), r.batches, r.longest_s * 1000, r.held,
+                 r.forgotten, r.copies, r.seconds,
+                 extra={"retention_images": r.images, "retention_alerts": r.alerts, "retention_held": r.held,
+                        "retention_forgotten": r.forgotten, "retention_copies": r.copies})
         return r
 
     def _forget(self) -> int:

@@ -238,7 +238,8 @@ class Service:
             raise StartupError(f"ledger {self.ledger_file}: cannot read or write the drift test's "
                                f"state ({type(e).__name__}: {e})") from None
         if cfg.anomalies_dir:
-            self.anomalies = AnomalyStore(self.state / state.ANOMALIES_DIR, cfg.anomalies_max_bytes)
+            self.anomalies = AnomalyStore(self.state / state.ANOMALIES_DIR, cfg.anomalies_max_bytes,
+                                          max_age_s=Policy.from_config(cfg).max_age_s)
             import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
         self.web.start()
         log.info("serving /metrics /healthz /readyz /alerts on http://%s:%d", cfg.host, self.web.port)
@@ -281,7 +282,8 @@ class Service:
             self.retention = Retention(
                 self.ledger.reopen(), policy, cursors=[JsonlExporter.CURSOR],
                 line_cursors={e.line: e.CURSOR for e in self.exporters if isinstance(e, WebhookSender)},
-                interval_s=cfg.retention_interval_s, on_pass=lambda r: _count_pass(m, r))
+                interval_s=cfg.retention_interval_s, on_pass=lambda r: _count_pass(m, r),
+                prune_copies=self.anomalies.prune if self.anomalies is not None else None)
             self.retention.start()
 
     def _load_models(self) -> None:
@@ -774,6 +776,7 @@ def _count_pass(m: Metrics, r: PassResult) -> None:
     m.retention_images.inc(r.images)
     m.retention_alerts.inc(r.alerts)
     m.retention_forgotten.inc(r.forgotten)
+    m.retention_anomaly_files.inc(r.copies)
     m.retention_last_pass.set(time.time())
 
 

@@ -333,3 +333,27 @@ def test_rotation_keeps_drift_alarms_once_too(led: Ledger) -> None:
     drift = sorted(x["drift_alarm_id"] for x in lines if x.get("kind") == "drift")
     assert drift == list(range(1, 7)) and sorted(_ids(sd)) == list(range(1, 13))
     assert len(list(sd.glob("alerts.jsonl.*"))) >= 4
+
+
+# -- anomaly copies ---------------------------------------------------------------------------------------
+
+
+def test_anomaly_copies_older_than_the_retention_age_go_at_each_pass(led: Ledger, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from anomon.anomalies import AnomalyStore
+
+    img = Image.fromarray(np.zeros((16, 16), dtype=np.uint8))
+    amap = np.zeros((16, 16), dtype=np.float32)
+    store = AnomalyStore(tmp_path / "anomalies", max_bytes=1 << 30, max_age_s=10 * DAY)
+    saved = [store.save(f"/in/{i}.png", f"{i:064x}", bytes([i]) * 100, img, amap, vmax=1.0) for i in range(3)]
+    old = [Path(p) for p in saved[0]]
+    for p in old:  # written 11 days ago, as a restart reads the folder
+        os.utime(p, (time.time() - 11 * DAY,) * 2)
+    store = AnomalyStore(tmp_path / "anomalies", max_bytes=1 << 30, max_age_s=10 * DAY)
+    r = _retention(led, max_age_s=10 * DAY, prune_copies=store.prune).run_pass()
+    assert r.copies == 2 and not any(p.exists() for p in old)
+    assert all(Path(p).exists() for pair in saved[1:] for p in pair)
+    assert store.total_bytes == sum(p.stat().st_size for p in (tmp_path / "anomalies").iterdir())
+    assert store.prune(now=time.time() + 11 * DAY) == 4 and store.total_bytes == 0
