@@ -32,6 +32,12 @@ the verdicts they came from, so a crash neither loses nor counts twice an image'
 is a row of `drift_alarms`. These tables are created if absent at every open (an additive change:
 schema 1 still, and a ledger without them is read as before).
 
+Retention (anomon.retention) deletes old image rows (and their exported alerts) in short
+transactions of its own, but never what exactly-once rests on: a pruned image keeps its `seen`
+rows and a `pruned` row (path, image id, SHA-256 as 32 bytes) that `find` consults, until its file
+has left the folder. `seen.image_id` therefore has no foreign key (ledgers from before retention
+are rebuilt without it at open).
+
 Connections belong to one thread each (sqlite3's default check): the scoring worker writes through
 its `Ledger`; other threads call `Ledger.reopen()` or `open_readonly()` for their own connection.
 """
