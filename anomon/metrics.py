@@ -104,14 +104,18 @@ class LineMetrics:
     p_value: Any
     drift_log10: Any
     drift_level: Any
+    target_fpr: Any
     drift_images: Any
     drift_alarms: Any
     drift_resets: dict[str, Any]
     up: Any
     bucket_threshold: float
 
-    def set_model(self, model_id: str, image_size: str, channels: int, threshold: float) -> None:
+    def set_model(self, model_id: str, image_size: str, channels: int, threshold: float,
+                  target_fpr: float | None = None) -> None:
         """Describe the model now serving; `Info.info` replaces the previous series atomically."""
+        if target_fpr is not None:
+            self.target_fpr.set(target_fpr)
         self.model_info.info({"model_id": model_id, "image_size": image_size, "channels": str(channels)})
         self.score_threshold.set(threshold)
         self.up.set(1)
@@ -207,6 +211,11 @@ class Metrics:
             "log10 of the drift test's martingale: the evidence that the images judged normal no "
             "longer look like the calibration images, gathered since the last reset (0 at a reset; "
             "log10(1/drift_alpha) = an alarm, 2 at the default 0.01).", L, registry=r)
+        self.target_fpr = Gauge(
+            "anomon_target_false_alarm_ratio",
+            "The false-alarm rate the line's threshold was set for (the bundle's target_fpr, or the "
+            "line's own): the confirmed false-alarm rate from the review page should stay near it.",
+            L, registry=r)
         self.drift_level = Gauge(
             "anomon_drift_alarm_level_log10",
             "log10(1/drift_alpha) of the line: the value of anomon_drift_martingale_log10 at which "
@@ -278,6 +287,7 @@ class Metrics:
             p_value=self.p_value.labels(line=name),
             drift_log10=self.drift_log10.labels(line=name),
             drift_level=self.drift_level.labels(line=name),
+            target_fpr=self.target_fpr.labels(line=name),
             drift_images=self.drift_images.labels(line=name),
             drift_alarms=self.drift_alarms.labels(line=name),
             drift_resets={x: self.drift_resets.labels(line=name, reason=x) for x in DRIFT_RESET_REASONS},

@@ -205,7 +205,7 @@ class Service:
             ln.metrics.set_drift_alpha(ln.cfg.drift_alpha or cfg.drift_alpha)
             if ln.detector is not None:
                 det = ln.detector
-                ln.metrics.set_model(det.model_id, det.size_label, det.channels, det.threshold_)
+                ln.metrics.set_model(det.model_id, det.size_label, det.channels, det.threshold_, det.target_fpr)
             else:
                 ln.metrics.up.set(0)
                 self.queue.pause(ln.name)
@@ -448,7 +448,7 @@ class Service:
             return False
         ln.detector = new  # one reference swap; the worker takes it at its next batch
         ln.load_error = None
-        lm.set_model(new.model_id, new.size_label, new.channels, new.threshold_)
+        lm.set_model(new.model_id, new.size_label, new.channels, new.threshold_, new.target_fpr)
         lm.model_reloads["success"].inc()
         if old is None:
             self.queue.pause(ln.name, False)

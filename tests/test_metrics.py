@@ -27,6 +27,7 @@ REQUIRED = {
     "anomon_p_value": "histogram", "anomon_drift_martingale_log10": "gauge",
     "anomon_drift_images": "gauge", "anomon_drift_alarms_total": "counter",
     "anomon_drift_resets_total": "counter", "anomon_line_up": "gauge",
+    "anomon_drift_alarm_level_log10": "gauge", "anomon_target_false_alarm_ratio": "gauge",
 }
 
 
@@ -68,8 +69,9 @@ def test_labelled_children_exist_at_zero_from_the_start() -> None:
 def test_model_info_shows_only_the_current_model() -> None:
     m = Metrics(1.0)
     m.line("default").set_model("aaa", "32", 1, 1.0)
-    m.line("default").set_model("bbb", "64", 3, 2.0)
+    m.line("default").set_model("bbb", "64", 3, 2.0, 0.05)
     s = _samples(m)
+    assert s['anomon_target_false_alarm_ratio{line="default"}'] == 0.05
     info = [k for k in s if k.startswith("anomon_model_info")]
     assert info == ['anomon_model_info{channels="3",image_size="64",line="default",model_id="bbb"}']
     assert s['anomon_score_threshold{line="default"}'] == 2.0
@@ -122,6 +124,7 @@ def test_separate_instances_do_not_collide() -> None:
 def test_deploy_files_only_use_metrics_that_exist() -> None:
     m = Metrics(1.0)
     m.line("default").set_model("x", "32", 1, 1.0)
+    m.count_judgements(lambda: {})  # the review page's counts (registered when the daemon serves it)
     exposed = {k.split("{")[0] for k in _samples(m)}
     used = set()
     for f in (REPO / "deploy").rglob("*"):
