@@ -153,8 +153,9 @@ class Retention:
             self._ledger.close()
 
     def run_pass(self, now: float | None = None) -> PassResult:
-        """Prune what the policy says, in transactions of `batch` rows, then forget the records of
-        pruned images whose files have gone. Safe to run while the scoring worker writes."""
+        """Prune what the policy says, in transactions of at most `batch` rows, then forget the
+        records of pruned images whose files have gone, and remove anomaly copies past the age.
+        Safe to run while the scoring worker writes; a stop ends it after the transaction in hand."""
         t0 = time.monotonic()
         now = time.time() if now is None else now
         r = PassResult()
@@ -176,8 +177,9 @@ class Retention:
             after = got.last_id
             if got.done or self._stop.wait(self._pause_s):
                 break
-        r.forgotten = self._forget()
-        if self._prune_copies is not None:
+        if not self._stop.is_set():
+            r.forgotten = self._forget()
+        if self._prune_copies is not None and not self._stop.is_set():
             r.copies = self._prune_copies()
         r.seconds = time.monotonic() - t0
         self._on_pass(r)
