@@ -357,3 +357,32 @@ def test_anomaly_copies_older_than_the_retention_age_go_at_each_pass(led: Ledger
     assert all(Path(p).exists() for pair in saved[1:] for p in pair)
     assert store.total_bytes == sum(p.stat().st_size for p in (tmp_path / "anomalies").iterdir())
     assert store.prune(now=time.time() + 11 * DAY) == 4 and store.total_bytes == 0
+
+
+def test_daemon_keeps_alerts_the_webhook_has_not_delivered(daemon_factory, tiny_model) -> None:
+    """The receiver is down: retention prunes around the undelivered alerts, which reach it whole
+    (path, score) once it is back, and only then go."""
+    from conftest import WebhookReceiver
+
+    rx = WebhookReceiver([503])
+    try:
+        d = daemon_factory(tiny_model.path, retention_max_images=1, retention_interval_s=0.5,
+                           webhook_url=rx.url, webhook_max_backoff_s=0.5)
+        d.start()
+        for i in range(3):
+            tiny_model.anomalous_png(d.watch / f"a{i}.png", i)
+        for i in range(3):
+            tiny_model.normal_png(d.watch / f"n{i}.png", i)
+        d.wait_for(lambda: _scored(d) == 6, 60, "6 images scored")
+        d.wait_for(lambda: d.metric("anomon_retention_images_total") >= 2, 30, "the normal rows pruned")
+        time.sleep(1.5)  # three more passes
+        assert d.metric("anomon_retention_alerts_total") == 0 and len(d.table("alerts")) == 3
+        rx.answer(200)
+        d.wait_for(lambda: len(rx.delivered()) == 3, 30, "3 alerts delivered")
+        d.wait_for(lambda: d.metric("anomon_retention_alerts_total") >= 2, 30, "the delivered alerts pruned")
+        bodies = {b["path"]: b for k, s, b in rx.got if s == 200}
+        assert sorted(os.path.basename(p) for p in bodies) == ["a0.png", "a1.png", "a2.png"]
+        assert all(b["score"] > b["threshold"] for b in bodies.values())
+        assert d.stop() == 0
+    finally:
+        rx.close()
