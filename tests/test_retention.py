@@ -16,7 +16,7 @@ from anomon import state
 from anomon.alerts import JsonlExporter
 from anomon.config import WatchConfig
 from anomon.judgements import judge
-from anomon.ledger import DriftAlarm, DriftRecord, Ledger, Sighting, Verdict, is_seen
+from anomon.ledger import DriftAlarm, DriftRecord, Ledger, Sighting, Verdict
 from anomon.retention import Policy, Retention, file_gone
 
 DAY = 86400.0
@@ -282,6 +282,7 @@ def _scored(d) -> float:
     return sum(v for k, v in m.items() if k.startswith("anomon_images_scored_total{"))
 
 
+@pytest.mark.e2e
 def test_daemon_prunes_in_the_background_and_never_scores_a_pruned_file_again(daemon_factory, tiny_model) -> None:
     d = daemon_factory(tiny_model.path, retention_max_images=2, retention_interval_s=0.5,
                        alerts_jsonl_max_bytes=1024, alerts_jsonl_keep_files=20)
@@ -359,6 +360,7 @@ def test_anomaly_copies_older_than_the_retention_age_go_at_each_pass(led: Ledger
     assert store.prune(now=time.time() + 11 * DAY) == 4 and store.total_bytes == 0
 
 
+@pytest.mark.e2e
 def test_daemon_keeps_alerts_the_webhook_has_not_delivered(daemon_factory, tiny_model) -> None:
     """The receiver is down: retention prunes around the undelivered alerts, which reach it whole
     (path, score) once it is back, and only then go."""
