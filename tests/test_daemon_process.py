@@ -77,10 +77,17 @@ def test_toml_round_trips_through_tomllib(tmp_path: Path) -> None:
     assert tomllib.loads(text) == expect
 
 
-def test_toml_refuses_what_a_flat_config_cannot_hold() -> None:
-    for bad in (None, {"a": 1}, object()):
+def test_toml_refuses_what_a_config_cannot_hold() -> None:
+    for bad in (None, {"a": None}, [object()], b"bytes"):
         with pytest.raises(TypeError):
             toml_value(bad)
+
+
+def test_toml_lines_tables_round_trip(tmp_path: Path) -> None:
+    lines = [{"name": "press-1", "model": "/m/p.anomon", "watch": ["/srv/p"], "batch_size": 4},
+             {"name": "weld \"2\"", "model": "/m/w.anomon", "watch": ["/srv/w"], "target_fpr": 0.01}]
+    write_toml(tmp_path / "a.toml", {"state": "/var/lib/anomon", "lines": lines})
+    assert tomllib.loads((tmp_path / "a.toml").read_text()) == {"state": "/var/lib/anomon", "lines": lines}
 
 
 def test_free_port_can_be_bound() -> None:
@@ -139,3 +146,14 @@ def test_a_daemon_that_exits_at_start_raises_with_its_status_and_log(tmp_path: P
     assert d.stop() == 2
     assert tomllib.loads(d.config.read_text())["model"] == str(tmp_path / "missing.anomon")
     assert any("model file not found" in line.get("msg", "") for line in d.log_lines())
+
+
+def test_a_key_naming_fewer_labels_sums_the_samples_that_have_them() -> None:
+    m = parse_metrics('# TYPE a_total counter\n'
+                      'a_total{line="x",verdict="normal"} 2\n'
+                      'a_total{line="y",verdict="normal"} 3\n'
+                      'a_total{line="y",verdict="anomalous"} 7\n')
+    assert m['a_total{line="y",verdict="normal"}'] == 3  # exact keys as before
+    assert m['a_total{verdict="normal"}'] == 5 and m["a_total"] == 12  # like PromQL's sum without
+    assert 'a_total{verdict="normal"}' in m and 'a_total{verdict="none"}' not in m
+    assert m.get('a_total{line="z"}', -1.0) == -1.0
