@@ -299,7 +299,7 @@ def test_verdicts_command_lists_the_ledger(shared: Daemon, tiny_model: TinyModel
     assert mine["a.png"]["verdict"] == "anomalous" and mine["n.png"]["verdict"] == "normal"
     assert {"path", "score", "p_value", "verdict", "reason", "model_id", "arrived", "scored"} <= set(mine["a.png"])
     rc, out, _ = r["csv"]
-    assert rc == 0 and out.splitlines()[0].startswith("id,scored,verdict")
+    assert rc == 0 and out.splitlines()[0].startswith("id,scored,line,verdict")
     assert all(",anomalous," in line for line in out.splitlines()[1:])
     assert any("/listing/a.png" in line for line in out.splitlines())
     rc, out, _ = r["table"]
