@@ -99,21 +99,41 @@ def default_pool(image_size: int) -> int:
 
 
 def box_filter(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean over a k x k window (odd k, edges averaged over the pixels inside), as two 1-D passes.
+    """Mean over a k x k window (odd k, edges averaged over the pixels inside), as two 1-D passes
+    of running sums.
 
-    Equal to one k x k `avg_pool2d` (the window's pixel count is rows x columns, so it separates)
-    but 2k instead of k*k additions per pixel: for a 256 px image (k = 33) the square window took
-    28 ms per image on 2 CPU cores, more than the autoencoder's forward pass, and this takes 2 ms.
+    Equal to one k x k `avg_pool2d` with count_include_pad=False (the window's pixel count is rows
+    x columns, so it separates), but a running sum costs the same whatever k: for a 256 px image
+    (k = 33) the square window took 28 ms per image on 2 CPU cores, two 1-D `avg_pool2d` passes
+    5.7 ms, and this 1 ms (2026-11-30, quiet machine). The sums run in float64 so that a hot
+    region early in a row does not leave rounding error in the windows after it.
     """
-    rows = F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0), count_include_pad=False)
-    return F.avg_pool2d(rows, (1, k), stride=1, padding=(0, k // 2), count_include_pad=False)
+    return _box_1d(_box_1d(x, k, -2), k, -1)
+
+
+def _box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    n, r = x.shape[dim], k // 2
+    c = F.pad(torch.cumsum(x.double(), dim=dim).movedim(dim, -1), (1, 0)).movedim(-1, dim)  # c[i] = sum x[:i]
+    idx = torch.arange(n, device=x.device)
+    hi, lo = (idx + r + 1).clamp(max=n), (idx - r).clamp(min=0)
+    shape = [1] * x.dim()
+    shape[dim] = n
+    count = (hi - lo).to(torch.float64).view(shape)
+    return ((c.index_select(dim, hi) - c.index_select(dim, lo)) / count).to(x.dtype)
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) Sobel gradient magnitude of the channel mean of x (N, C, H, W)."""
-    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 4
-    g = F.conv2d(F.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate"), torch.stack([k, k.T])[:, None])
-    return g.pow(2).sum(1).add(1e-12).sqrt()
+    """(N, H, W) Sobel gradient magnitude of the channel mean of x (N, C, H, W), edges replicated.
+
+    The Sobel kernels separate into [1, 2, 1] / 4 smoothing along one axis and a central difference
+    along the other; as shifted slices that is 1.2 ms per 256 px image on 2 CPU cores, against
+    1.75 ms for a 2-channel 3x3 convolution (same values to 2e-7)."""
+    p = F.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")[:, 0]
+    rows = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # smoothed down the columns: (N, H, W + 2)
+    cols = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]  # smoothed along the rows: (N, H + 2, W)
+    gx = (rows[:, :, 2:] - rows[:, :, :-2]) / 4
+    gy = (cols[:, 2:] - cols[:, :-2]) / 4
+    return (gx * gx + gy * gy).add(1e-12).sqrt()
 
 
 def pooled_code(codes: torch.Tensor) -> torch.Tensor:

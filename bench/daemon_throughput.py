@@ -33,6 +33,7 @@ import argparse
 import io
 import os
 import platform
+import re
 import shlex
 import shutil
 import sqlite3
@@ -208,8 +209,12 @@ class Daemon(DaemonProcess):
 
     def latency_buckets(self) -> dict[float, float]:
         """anomon_intake_latency_seconds's cumulative buckets from /metrics: {le: count}."""
-        prefix = 'anomon_intake_latency_seconds_bucket{le="'
-        return {float(k[len(prefix):-2]): v for k, v in self.metrics().items() if k.startswith(prefix)}
+        out: dict[float, float] = {}
+        for k, v in self.metrics().items():  # every line's buckets, added up
+            m = re.match(r'anomon_intake_latency_seconds_bucket\{(?:.*,)?le="([^"]+)"', k)
+            if m:
+                out[float(m.group(1))] = out.get(float(m.group(1)), 0.0) + v
+        return out
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.conn is not None:

@@ -223,3 +223,43 @@ def test_auto_image_size_keeps_elongated_photos_elongated() -> None:
     assert auto_image_size([(500, 1260)] * 3, 256) == (400, 160)  # (height, width): tall commutators
     assert auto_image_size([(1130, 460)] * 3, 256) == (160, 400)  # wide ball screws
     assert auto_image_size([(40, 100)] * 3, 256) == 100  # too small to keep the aspect: square
+
+
+@pytest.mark.parametrize("shape, k", [((3, 1, 50, 70), 5), ((2, 1, 64, 64), 33), ((1, 1, 40, 100), 21),
+                                      ((2, 1, 7, 9), 15), ((1, 1, 5, 5), 1)])
+def test_box_filter_is_the_k_by_k_mean_of_the_pixels_inside(shape: tuple[int, ...], k: int) -> None:
+    """The running-sum box filter equals one k x k average pool that counts only pixels inside the
+    image, also with a hot corner (rounding must not leak along the row) and k beyond the image."""
+    import torch
+
+    from anomon.detector import box_filter
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 10
+    x[..., :2, :2] += 1e4
+    ref = _window_mean(x.double(), k)
+    got = box_filter(x, k)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-3)
+
+
+def _window_mean(x, k):  # the definition, pixel by pixel
+    import torch
+
+    r = k // 2
+    out = torch.empty_like(x)
+    for i in range(x.shape[-2]):
+        for j in range(x.shape[-1]):
+            out[..., i, j] = x[..., max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean((-2, -1))
+    return out
+
+
+def test_gradient_magnitude_is_the_sobel_magnitude_of_the_channel_mean() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from anomon.detector import gradient_magnitude
+
+    x = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(1))
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4
+    g = F.conv2d(F.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate"), torch.stack([k, k.T])[:, None])
+    assert torch.allclose(gradient_magnitude(x), g.pow(2).sum(1).add(1e-12).sqrt(), atol=1e-6)
