@@ -242,7 +242,9 @@ class Service:
                                           max_age_s=Policy.from_config(cfg).max_age_s)
             import anomon.heatmap  # noqa: F401  (matplotlib: now, not on the first anomaly)
         self.web.start()
-        log.info("serving /metrics /healthz /readyz /alerts on http://%s:%d", cfg.host, self.web.port)
+        log.info("serving /metrics /healthz /readyz /alerts%s on http://%s:%d",
+                 "" if review is None else f" /review ({'judging' if review.judging else 'read-only'})",
+                 cfg.host, self.web.port)
 
         self._worker = threading.Thread(target=self._work, name="anomon-scorer", daemon=True)
         self._worker.start()
