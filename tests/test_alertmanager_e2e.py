@@ -62,7 +62,7 @@ import yaml
 from anomon.daemon_process import DaemonProcess, toml_value
 from conftest import REPO, TinyModel, free_port
 from test_deploy import AM_CONFIG, RULES, dashboard_targets, grafana_expand
-from test_prometheus_e2e import Prometheus, scrape_config
+from test_prometheus_e2e import LocalServer, Prometheus, scrape_config
 
 JOB = "anomon"
 # The lines of the test's daemon. `weld-2` is the line the shipped alertmanager.yml routes to its
@@ -145,34 +145,17 @@ class Receiver:
 # ------------------------------------------------------------------------------ Alertmanager
 
 
-class Alertmanager:
+class Alertmanager(LocalServer):
     """One Alertmanager on a free loopback port, clustering off, its log in a file."""
+
+    name = "alertmanager"
 
     def __init__(self, binary: str, workdir: Path, config: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "alertmanager.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
-             "--log.level=info"],
-            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL, cwd=workdir)
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"alertmanager exited:\n{self.log_tail()}"
-            try:
-                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"alertmanager not ready after {timeout} s:\n{self.log_tail()}")
+        super().__init__([binary, f"--config.file={config}", f"--storage.path={workdir / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
+                          "--log.level=info"], workdir)
 
     def alerts(self) -> list[dict[str, Any]]:
         r = requests.get(self.url + "/api/v2/alerts", timeout=5)
@@ -182,18 +165,6 @@ class Alertmanager:
     def post(self, alerts: list[dict[str, Any]]) -> None:
         r = requests.post(self.url + "/api/v2/alerts", json=alerts, timeout=5)
         assert r.status_code == 200, r.text
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
 
 # ------------------------------------------------------------------------------ the configs
 

@@ -60,18 +60,17 @@ def prom_bins() -> tuple[str, str]:
     pytest.skip(f"{missing} not on PATH (apt-get install prometheus); set CI=1 to fail instead")
 
 
-class Prometheus:
-    """One Prometheus server on a free loopback port, with its log in a file."""
+class LocalServer:
+    """A Prometheus-family server (Prometheus, Alertmanager) as a subprocess on a free loopback
+    port, its log in a file: started, waited for (/-/ready), stopped."""
 
-    def __init__(self, binary: str, workdir: Path, config: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "prometheus.log"
+    name = "server"
+
+    def __init__(self, argv: list[str], workdir: Path) -> None:
+        self.log_path = workdir / f"{self.name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=info"],
-            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL, cwd=workdir)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
+                                     cwd=workdir)
         self.started = time.time()
 
     def log_tail(self, n: int = 30) -> str:
@@ -80,14 +79,37 @@ class Prometheus:
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"prometheus exited:\n{self.log_tail()}"
+            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
             try:
                 if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"prometheus not ready after {timeout} s:\n{self.log_tail()}")
+        raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Prometheus(LocalServer):
+    """One Prometheus server on a free loopback port, with its log in a file."""
+
+    name = "prometheus"
+
+    def __init__(self, binary: str, workdir: Path, config: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=info"], workdir)
 
     def api(self, path: str, **params: Any) -> Any:
         r = requests.get(self.url + "/api/v1/" + path, params=params, timeout=10)
@@ -124,18 +146,6 @@ class Prometheus:
                 return last
             time.sleep(0.25)
         raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{self.log_tail()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
 
 def scrape_config(target: str) -> dict[str, Any]:
     """deploy/prometheus/prometheus.yml with 1 s intervals, the test target and the shipped rules."""
