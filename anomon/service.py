@@ -175,11 +175,6 @@ class Service:
         self._ready_sent = False
         self._drift_reset = threading.Event()
 
-    @property
-    def detector(self) -> Any:
-        """The model of the first line (the only one of a one-line daemon)."""
-        return next(iter(self.lines.values())).detector
-
     # -- start-up ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -430,12 +425,11 @@ class Service:
             return False
         return True
 
-    def reload_model(self, why: str, ln: _Line | None = None) -> bool:
+    def reload_model(self, why: str, ln: _Line) -> bool:
         """Load a line's new model beside the old one and switch atomically; keep the old on
         failure. A line that had no model starts scoring with its first good one."""
         from anomon.detector import BundleError
 
-        ln = ln or next(iter(self.lines.values()))
         lm = ln.metrics
         assert lm is not None
         old = ln.detector
