@@ -176,24 +176,24 @@ def grafana_expand(expr: str) -> str:
     return expr
 
 
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    path = shutil.which("promtool")
+def _debian_tool(name: str, package: str) -> str:
+    """The tool's path; without it a skip, or under CI (which must install it) a failure."""
+    path = shutil.which(name)
     if path:
         return path
     if os.environ.get("CI"):
-        pytest.fail("promtool is not on PATH; CI must install Debian's prometheus package")
-    pytest.skip("promtool is not on PATH (apt-get install prometheus); set CI=1 to fail instead")
+        pytest.fail(f"{name} is not on PATH; CI must install Debian's {package} package")
+    pytest.skip(f"{name} is not on PATH (apt-get install {package}); set CI=1 to fail instead")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _debian_tool("promtool", "prometheus")
 
 
 @pytest.fixture(scope="session")
 def amtool() -> str:
-    path = shutil.which("amtool")
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail("amtool is not on PATH; CI must install Debian's prometheus-alertmanager package")
-    pytest.skip("amtool is not on PATH (apt-get install prometheus-alertmanager); set CI=1 to fail instead")
+    return _debian_tool("amtool", "prometheus-alertmanager")
 
 
 def run_promtool(promtool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
