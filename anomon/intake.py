@@ -52,6 +52,11 @@ _TICK_S = 0.1  # how often pending files are stat'ed; bounds the completion dela
 _GONE_WAIT_S = 2.0  # how long a vanished pending file waits for its "deleted" event
 
 
+def is_under(path: str, top: str) -> bool:
+    """`path` is `top` or lies below it (both absolute, normalised; no file system access)."""
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
 @dataclass
 class Candidate:
     """A file to score: complete as far as intake can tell."""
@@ -311,7 +316,7 @@ class Intake:
             # Files under the old name were renamed, not deleted: forget them, take the new tree.
             old = os.path.abspath(src)
             for table in (self._pending, self._deferred):
-                for p in [p for p in table if self._under(p, old)]:
+                for p in [p for p in table if is_under(p, old)]:
                     del table[p]
             self._scan_dir(dest)
         elif kind == "dir_created":
@@ -415,18 +420,15 @@ class Intake:
 
     def _root_of(self, path: str) -> str | None:
         for r in self.roots:
-            if self._under(path, r):
+            if is_under(path, r):
                 return r
         return None
 
-    @staticmethod
-    def _under(path: str, top: str) -> bool:
-        return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
 
     def _skipped(self, path: str, root: str) -> bool:
         """Under an excluded folder (the state folder, when it lies inside a watched one), or a
         path component (file or folder name) matching an ignore pattern: temporary, hidden."""
-        if any(self._under(path, e) for e in self._exclude):
+        if any(is_under(path, e) for e in self._exclude):
             return True
         rel = os.path.relpath(path, root)
         return any(fnmatch.fnmatchcase(part, pat) for part in rel.split(os.sep) for pat in self._ignore)

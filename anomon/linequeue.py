@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
-from anomon.intake import Candidate
+from anomon.intake import Candidate, is_under
 
 
 class LineQueues:
@@ -47,7 +47,7 @@ class LineQueues:
         """The line whose folder holds `path` (the first line for a path under none: intake
         only hands over paths under a watched folder, and the scorer refuses any other)."""
         for root, line in self._roots:
-            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            if is_under(path, root):
                 return line
         return self.lines[0]
 

@@ -49,7 +49,7 @@ from anomon.drift import DriftTest, Step
 from anomon.errors import StartupError
 from anomon.heap import HeapTrimmer
 from anomon.images import ImageError, read_file
-from anomon.intake import Candidate, Intake
+from anomon.intake import Candidate, Intake, is_under
 from anomon.ledger import (DriftAlarm, DriftRecord, Ledger, LedgerError, Sighting, Verdict, is_seen,
                            open_readonly)
 from anomon.linequeue import LineQueues
@@ -187,7 +187,7 @@ class Service:
                     raise StartupError(f"watch folder not found (or not a folder){where}: {d}")
         real = sorted((os.path.realpath(w), ln.name) for ln in self.lines.values() for w in ln.cfg.watch)
         for (a, la), (b, lb) in zip(real, real[1:]):
-            if b == a or b.startswith(a.rstrip(os.sep) + os.sep):  # links can hide what config saw
+            if is_under(b, a):  # links can hide what config saw
                 raise StartupError(f"watch folders overlap (lines {la} and {lb}) once links are "
                                    f"resolved: {a} and {b}; each folder belongs to one line")
 
@@ -711,7 +711,7 @@ class Service:
     def _root_of(self, path: str) -> str | None:
         """The watched folder (symlinks resolved) that `path` lies in; None if none does."""
         for root in self._roots:
-            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            if is_under(path, root):
                 return root
         return None
 
